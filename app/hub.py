@@ -1,0 +1,135 @@
+"""One Redis pub/sub connection per web process, fanned out to every stream it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from app import keys
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+Item = bytes | Exception
+SUBSCRIBE_TIMEOUT = 5.0
+
+
+class EventHub:
+    """Subscribes to channels on behalf of many streams over a single connection.
+
+    `subscribe()` returns only once Redis has confirmed the subscription, so a caller that
+    subscribes and *then* enqueues a job cannot miss the job's first events.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._pubsub: PubSub | None = None
+        self._queues: dict[str, set[asyncio.Queue[Item]]] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        # A channel of our own keeps the connection subscribed (and readable) at all times.
+        self._own_channel = f"{keys.PREFIX}web:{os.getpid()}:{id(self)}"
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._run(), name="haia-event-hub")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Item]]:
+        """Receive every message published on `channel` while the context is open."""
+        pubsub = self._pubsub
+        if pubsub is None or self._reader is None or self._reader.done():
+            raise Unavailable("HAIA cannot reach Redis right now; try again shortly.")
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        listeners = self._queues.setdefault(channel, set())
+        listeners.add(queue)
+        try:
+            if channel not in self._confirmed:
+                self._confirmed[channel] = asyncio.get_running_loop().create_future()
+                await pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(self._confirmed[channel]), SUBSCRIBE_TIMEOUT)
+        except Exception as exc:
+            self._discard(channel, queue)
+            raise Unavailable("HAIA cannot reach Redis right now; try again shortly.") from exc
+        try:
+            yield queue
+        finally:
+            if self._discard(channel, queue) and self._pubsub is pubsub:
+                # If the connection is gone there is nothing to undo.
+                with contextlib.suppress(Exception):
+                    await pubsub.unsubscribe(channel)
+
+    def _discard(self, channel: str, queue: asyncio.Queue[Item]) -> bool:
+        """Forget `queue`; True when it was the channel's last listener."""
+        listeners = self._queues.get(channel)
+        if listeners is None:
+            return False
+        listeners.discard(queue)
+        if listeners:
+            return False
+        del self._queues[channel]
+        future = self._confirmed.pop(channel, None)
+        if future is not None and not future.done():
+            future.cancel()
+        return True
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(self._own_channel)
+                delay = 0.1
+                await self._read(self._pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis went away: fail streams, reconnect
+                log.warning("event hub lost Redis (%s); reconnecting", type(exc).__name__)
+                self._fail_all(exc)
+                if self._pubsub is not None:
+                    await asyncio.gather(
+                        self._pubsub.aclose(),  # type: ignore[no-untyped-call]
+                        return_exceptions=True,
+                    )
+                    self._pubsub = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"]
+            name = channel.decode() if isinstance(channel, bytes) else str(channel)
+            if kind == "message":
+                for queue in self._queues.get(name, ()):
+                    queue.put_nowait(message["data"])
+            elif kind == "subscribe":
+                future = self._confirmed.get(name)
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for listeners in self._queues.values():
+            for queue in listeners:
+                queue.put_nowait(exc)
+        for future in self._confirmed.values():
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here; waiters see it through their own await
+        self._queues.clear()
+        self._confirmed.clear()

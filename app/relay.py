@@ -1,0 +1,83 @@
+"""Following a generation: replay what is logged, then live events, with no gap or repeat."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import cast
+
+from redis.asyncio import Redis
+
+from app import keys
+from app.errors import Unavailable
+from app.events import Event
+from app.hub import EventHub, Item
+
+
+class Follower:
+    """An open subscription to one generation's events."""
+
+    def __init__(
+        self, redis: Redis, completion_id: str, queue: asyncio.Queue[Item], keepalive: float
+    ) -> None:
+        self._redis = redis
+        self._log = keys.gen_log(completion_id)
+        self._queue = queue
+        self._keepalive = keepalive
+
+    async def _logged(self, start: int, stop: int = -1) -> list[Event]:
+        try:
+            raw = await cast(Awaitable[list[bytes]], self._redis.lrange(self._log, start, stop))
+        except Exception as exc:
+            raise Unavailable("HAIA lost its connection to Redis; try again shortly.") from exc
+        return [Event.from_json(item) for item in raw]
+
+    async def events(self, *, after: int = 0) -> AsyncIterator[Event | None]:
+        """Events with `seq > after`, in order, until the terminal one; `None` while silent.
+
+        The subscription is already open, so replaying the log first and then dropping live
+        events the replay covered loses nothing whatever the timing.
+        """
+        last = after
+        batch: list[Event] | None = await self._logged(after)
+        while True:
+            if batch is None:
+                yield None
+            for event in batch or ():
+                if event.seq != last + 1:
+                    continue
+                yield event
+                last = event.seq
+                if event.is_terminal:
+                    return
+            batch = await self._next_live(last)
+
+    async def _next_live(self, last: int) -> list[Event] | None:
+        """The next live events after `last` (with any gap filled from the log), or None."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), self._keepalive)
+            except TimeoutError:
+                return None
+            if isinstance(item, Exception):
+                raise Unavailable("HAIA lost its connection to Redis; try again shortly.")
+            event = Event.from_json(item)
+            if event.seq <= last:
+                continue
+            missing = await self._logged(last, event.seq - 2) if event.seq > last + 1 else []
+            return [*missing, event]
+
+
+class Relay:
+    """Opens followers for the web's streams, all over the process's one `EventHub`."""
+
+    def __init__(self, redis: Redis, hub: EventHub, *, keepalive: float) -> None:
+        self._redis = redis
+        self._hub = hub
+        self._keepalive = keepalive
+
+    @asynccontextmanager
+    async def follow(self, completion_id: str) -> AsyncIterator[Follower]:
+        async with self._hub.subscribe(keys.gen_channel(completion_id)) as queue:
+            yield Follower(self._redis, completion_id, queue, self._keepalive)

@@ -1,0 +1,45 @@
+"""Reading a JSON request body into a wire schema, with OpenAI-style 400s."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from sanic import Request
+
+from app.errors import InvalidRequest
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    param = ""
+    for part in loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
+
+def parse_body(request: Request, schema: type[SchemaT]) -> SchemaT:
+    """Validate the body against `schema`, or raise `InvalidRequest` naming the field."""
+    content_type = request.headers.get("content-type", "application/json")
+    if "json" not in content_type.split(";", 1)[0]:
+        raise InvalidRequest(
+            f"The body must be JSON (Content-Type: application/json), not {content_type!r}."
+        )
+    try:
+        data = json.loads(request.body or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The JSON body must be an object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        param = _param(tuple(error["loc"]))
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = f"{param}: " if param else ""
+        raise InvalidRequest(f"Invalid request: {where}{message}", param=param) from None

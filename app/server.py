@@ -1,0 +1,140 @@
+"""The Sanic application: one `setup_*` per concern."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import uuid
+from types import SimpleNamespace
+
+import httpx
+from arq.connections import RedisSettings, create_pool
+from sanic import HTTPResponse, Request, Sanic
+from sanic.config import Config
+from sanic.exceptions import SanicException
+from sanic.response import json as json_response
+from sanic_ext import Extend
+
+from app import keys
+from app.catalog import Catalog
+from app.config import Settings
+from app.context import Services
+from app.db import close_database, open_database
+from app.errors import HaiaError, Unauthorized, error_body
+from app.hub import EventHub
+from app.logs import request_id_var
+from app.relay import Relay
+from app.routes import chat, health, models
+
+log = logging.getLogger(__name__)
+
+App = Sanic[Config, SimpleNamespace]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SANIC_TYPES = {
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
+    async def open_resources(app: App) -> None:
+        await open_database(settings.database_url)
+        redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=keys.QUEUE)
+        hub = EventHub(redis)
+        await hub.start()
+        http = httpx.AsyncClient()
+        app.ctx.services = Services(
+            settings=settings,
+            redis=redis,
+            hub=hub,
+            relay=Relay(redis, hub, keepalive=settings.keepalive_interval),
+            http=http,
+            catalog=Catalog(settings, http),
+        )
+
+    async def close_resources(app: App) -> None:
+        svc: Services = app.ctx.services
+        await svc.hub.stop()
+        await svc.http.aclose()
+        await svc.redis.aclose()
+        await close_database()
+
+    app.before_server_start(open_resources)
+    app.after_server_stop(close_resources)
+
+
+def setup_errors(app: App) -> None:
+    async def render(request: Request, exc: Exception) -> HTTPResponse:
+        if isinstance(exc, HaiaError):
+            return json_response(exc.body(), status=exc.status, headers=exc.headers())
+        if isinstance(exc, SanicException) and exc.status_code < 500:
+            status = exc.status_code
+            message = str(exc) or "Invalid request."
+            return json_response(
+                error_body(message, type_=_SANIC_TYPES.get(status, "invalid_request_error")),
+                status=status,
+            )
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        message = (
+            f"The server had an error processing your request (request id {request_id_var.get()})."
+        )
+        return json_response(error_body(message, type_="server_error"), status=500)
+
+    app.error_handler.add(Exception, render)
+
+
+def setup_correlation(app: App, settings: Settings) -> None:
+    keys_ = [key.get_secret_value().encode() for key in settings.api_keys]
+
+    async def before(request: Request) -> HTTPResponse | None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        request.ctx.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id_var.set(request.ctx.request_id)
+        if keys_ and request.path not in PUBLIC_PATHS and not _authorized(request, keys_):
+            raise Unauthorized("Incorrect or missing API key: send Authorization: Bearer <key>.")
+        return None
+
+    async def after(request: Request, response: HTTPResponse) -> None:
+        request_id = getattr(request.ctx, "request_id", None)
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+
+    app.on_request(before, priority=100)
+    app.on_response(after)  # type: ignore[no-untyped-call]
+
+
+def _authorized(request: Request, allowed: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    return any(hmac.compare_digest(given, key) for key in allowed)
+
+
+def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App:
+    """The web application for `settings`, talking to Redis at `redis_url`."""
+    app: App = Sanic(name, configure_logging=False)
+    app.config.update(
+        {
+            "RESPONSE_TIMEOUT": settings.job_timeout + 60,
+            "REQUEST_MAX_SIZE": settings.max_body_bytes,
+            "KEEP_ALIVE_TIMEOUT": 75,
+            "OAS_UI_DEFAULT": "swagger",
+            "OAS_TITLE": "HAIA — Homelab AI Assistant",
+            "OAS_DESCRIPTION": "OpenAI-compatible chat with durable, streamed generations.",
+            "CORS": False,
+        }
+    )
+    Extend(app)
+    setup_correlation(app, settings)
+    setup_errors(app)
+    setup_resources(app, settings, redis_url)
+    app.blueprint([chat.bp, models.bp, health.bp])
+    return app

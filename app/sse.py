@@ -1,0 +1,59 @@
+"""OpenAI-style SSE chunks for one completion, built without per-token model validation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+
+class ChunkWriter:
+    """Renders `chat.completion.chunk` frames; the header of every chunk is built once."""
+
+    def __init__(self, *, completion_id: str, created: int, model: str, include_usage: bool):
+        self._include_usage = include_usage
+        usage = ',"usage":null' if include_usage else ""
+        self._head = (
+            f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
+            f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null{usage},'
+            f'"choices":'
+        )
+
+    def _frame(self, choices: str, seq: int | None) -> bytes:
+        event_id = f"id: {seq}\n" if seq is not None else ""
+        return f"{event_id}data: {self._head}{choices}}}\n\n".encode()
+
+    def role(self) -> bytes:
+        return self._frame(
+            '[{"index":0,"delta":{"role":"assistant","content":""},'
+            '"logprobs":null,"finish_reason":null}]',
+            None,
+        )
+
+    def content(self, text: str, seq: int) -> bytes:
+        return self._frame(
+            f'[{{"index":0,"delta":{{"content":{json.dumps(text)}}},'
+            f'"logprobs":null,"finish_reason":null}}]',
+            seq,
+        )
+
+    def finish(self, reason: str, seq: int) -> bytes:
+        return self._frame(
+            f'[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":{json.dumps(reason)}}}]',
+            seq,
+        )
+
+    def usage(self, usage: dict[str, int] | None) -> bytes:
+        if not self._include_usage:
+            return b""
+        body = usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        head = self._head.replace(
+            ',"usage":null', f',"usage":{json.dumps(body, separators=(",", ":"))}'
+        )
+        return f"data: {head}[]}}\n\n".encode()
+
+    @staticmethod
+    def error(detail: dict[str, Any], seq: int) -> bytes:
+        return f"id: {seq}\ndata: {json.dumps({'error': detail})}\n\n".encode()

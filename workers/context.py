@@ -1,0 +1,41 @@
+"""What the model sees: the stored conversation turned into pydantic-ai messages."""
+
+from __future__ import annotations
+
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    SystemPromptPart,
+    TextPart,
+    UserPromptPart,
+)
+
+from app.db.models import Message, Status
+
+
+async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMessage], str]:
+    """The last `limit` messages before the new user turn, and that turn's text.
+
+    Failed or empty assistant turns are left out: the model should not see them.
+    """
+    rows = (
+        await Message.filter(conversation_id=assistant.conversation_id, id__lt=assistant.id)  # type: ignore[attr-defined]
+        .exclude(role="assistant", content="")
+        .exclude(role="assistant", status=Status.FAILED)
+        .order_by("-id")
+        .limit(limit + 1)
+    )
+    rows.reverse()
+    if not rows or rows[-1].role != "user":
+        raise LookupError(f"no user turn precedes {assistant.completion_id}")
+    *history, turn = rows
+    return [_to_model_message(row) for row in history], turn.content
+
+
+def _to_model_message(row: Message) -> ModelMessage:
+    if row.role == "assistant":
+        return ModelResponse(parts=[TextPart(content=row.content)])
+    if row.role == "system":
+        return ModelRequest(parts=[SystemPromptPart(content=row.content)])
+    return ModelRequest(parts=[UserPromptPart(content=row.content)])
