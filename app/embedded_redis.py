@@ -46,29 +46,30 @@ def _server_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
-def _start(data_dir: Path) -> subprocess.Popen[bytes]:
+def start_embedded(data_dir: Path, *, port: int = PORT) -> subprocess.Popen[bytes]:
+    """Run the embedded server on 127.0.0.1:`port` until this process exits."""
     binary = _server_binary()
     if binary is None:
         raise SystemExit(
             "haia: no Redis answers on 127.0.0.1:6379 and no embedded server is installed; "
             "set HAIA_REDIS_URL or install redis-server"
         )
-    args = [binary, "--bind", HOST, "--port", str(PORT), "--dir", str(data_dir.resolve())]
+    args = [binary, "--bind", HOST, "--port", str(port), "--dir", str(data_dir.resolve())]
     args += ["--dbfilename", "redis.rdb", "--save", "60 1", "--appendonly", "no"]
     args += ["--logfile", str((data_dir / "redis.log").resolve())]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while not redis_answers():
+    while not redis_answers(port=port):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise SystemExit(f"haia: the embedded Redis did not start; see {data_dir}/redis.log")
         time.sleep(0.05)
-    atexit.register(_stop, process)
-    log.info("started an embedded Redis on %s:%d (data in %s)", HOST, PORT, data_dir)
+    atexit.register(stop_embedded, process)
+    log.info("started an embedded Redis on %s:%d (data in %s)", HOST, port, data_dir)
     return process
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_embedded(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
         try:
@@ -88,5 +89,5 @@ def ensure_redis(settings: Settings) -> str:
     with open(data_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not redis_answers():
-            _start(data_dir)
+            start_embedded(data_dir)
     return DEFAULT_REDIS_URL

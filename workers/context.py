@@ -10,6 +10,7 @@ from pydantic_ai.messages import (
     TextPart,
     UserPromptPart,
 )
+from tortoise.expressions import Q
 
 from app.db.models import Message, Status
 
@@ -21,8 +22,7 @@ async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMes
     """
     rows = (
         await Message.filter(conversation_id=assistant.conversation_id, id__lt=assistant.id)  # type: ignore[attr-defined]
-        .exclude(role="assistant", content="")
-        .exclude(role="assistant", status=Status.FAILED)
+        .filter(~(Q(role="assistant") & (Q(content="") | Q(status=Status.FAILED))))
         .order_by("-id")
         .limit(limit + 1)
     )

@@ -1,0 +1,114 @@
+"""Shared fixtures: real Redis, real databases (SQLite and PostgreSQL), a fake upstream LLM."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.procs import Stack, free_port, spawn, wait_until
+
+REDIS_BASE = os.environ.get("HAIA_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+REDIS_URL = f"{REDIS_BASE}/9"
+POSTGRES_URL = os.environ.get("HAIA_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def fake_upstream(log_dir: Path) -> Iterator[str]:
+    """The fake OpenAI-compatible LLM server, as a real process on loopback."""
+    port = free_port()
+    proc = spawn("fake-upstream", ["python", "-m", "tests.fake_upstream", str(port)], {}, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 30, "fake", [proc])
+    yield url
+    proc.stop()
+
+
+async def _create_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path_factory.mktemp('db') / 'haia.sqlite3'}"
+        return
+    name = f"haia_test_{uuid.uuid4().hex[:12]}"
+    await _create_pg_database(name)
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    await _drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+async def redis_db() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def stack_env(
+    *, port: int, database_url: str, upstream: str, redis_url: str = REDIS_URL, **extra: str
+) -> dict[str, str]:
+    return {
+        "HAIA_PORT": str(port),
+        "HAIA_DATABASE_URL": database_url,
+        "HAIA_REDIS_URL": redis_url,
+        "OLLAMA_BASE_URL": f"{upstream}/v1",
+        "HAIA_MODEL": "ollama:fake-model",
+        "HAIA_MODELS": "openai-chat:fake-model",
+        "OPENAI_BASE_URL": f"{upstream}/v1",
+        "OPENAI_API_KEY": "sk-test-not-a-real-key",
+        "HAIA_LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+async def stack(database_url: str, fake_upstream: str, log_dir: Path) -> AsyncIterator[Stack]:
+    """web + worker started from the Procfile, on each database (each with its own Redis db)."""
+    port = free_port()
+    redis_url = f"{REDIS_BASE}/{10 if database_url.startswith('sqlite') else 11}"
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    running = Stack(
+        base_url=f"http://127.0.0.1:{port}",
+        env=stack_env(
+            port=port, database_url=database_url, upstream=fake_upstream, redis_url=redis_url
+        ),
+        log_dir=log_dir,
+        database_url=database_url,
+        upstream_url=fake_upstream,
+    )
+    running.start_web()
+    running.start_worker()
+    yield running
+    running.stop()
