@@ -1,0 +1,66 @@
+"""Settings: defaults, parsing, and failing fast with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from app.config import Settings, load_settings
+from tests.procs import ROOT
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HAIA_MODEL", "HAIA_MODELS", "HAIA_REDIS_URL", "HAIA_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert settings.model is None
+    assert settings.ollama_base_url == "http://localhost:11434/v1"
+    assert settings.database_url == "sqlite://data/haia.sqlite3"
+    assert settings.effective_redis_url == "redis://127.0.0.1:6379/0"
+    assert (settings.host, settings.port, settings.context_messages) == ("127.0.0.1", 8000, 20)
+
+
+def test_models_and_keys_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HAIA_MODEL", "ollama:llama3.2")
+    monkeypatch.setenv("HAIA_MODELS", "anthropic:claude-sonnet-4-5, openai-chat:gpt-4o-mini,")
+    monkeypatch.setenv("HAIA_API_KEYS", "k1,k2")
+    settings = Settings()
+    assert settings.configured_models == [
+        "ollama:llama3.2",
+        "anthropic:claude-sonnet-4-5",
+        "openai-chat:gpt-4o-mini",
+    ]
+    assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
+    assert "k1" not in repr(settings)
+
+
+@pytest.mark.parametrize("value", ["llama3.2", "openai:gpt-4o", "ollama:", ":x", "bogus:name"])
+def test_invalid_model_stops_with_one_line(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("HAIA_MODEL", value)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    message = str(stopped.value.code)
+    assert "\n" not in message
+    assert "HAIA_MODEL" in message
+    assert "ollama:NAME" in message and "anthropic:NAME" in message
+
+
+@pytest.mark.parametrize("module", ["app", "workers"])
+def test_processes_refuse_to_start_with_a_bad_model(module: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HAIA_MODEL": "gpt-4o", "HAIA_REDIS_URL": "redis://x:1/0"}
+    result = subprocess.run(
+        [sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, timeout=30
+    )
+    assert result.returncode != 0
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("haia: invalid configuration: HAIA_MODEL")
+
+
+def test_out_of_range_number_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HAIA_CONTEXT_MESSAGES", "0")
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    assert "HAIA_CONTEXT_MESSAGES" in str(stopped.value.code)
