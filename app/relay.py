@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -33,7 +33,7 @@ class Follower:
             raise Unavailable("HAIA lost its connection to Redis; try again shortly.") from exc
         return [Event.from_json(item) for item in raw]
 
-    async def events(self, *, after: int = 0) -> AsyncIterator[Event | None]:
+    async def events(self, *, after: int = 0) -> AsyncGenerator[Event | None, None]:
         """Events with `seq > after`, in order, until the terminal one; `None` while silent.
 
         The subscription is already open, so replaying the log first and then dropping live

@@ -54,10 +54,10 @@ async def message_by_completion(database_url: str, completion_id: str) -> dict[s
 
 
 async def wait_for_status(
-    database_url: str, completion_id: str, statuses: set[str], timeout: float = 20
+    database_url: str, completion_id: str, statuses: set[str], within: float = 20
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         row = await message_by_completion(database_url, completion_id)
         if row["status"] in statuses or loop.time() > deadline:

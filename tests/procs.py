@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -125,5 +126,11 @@ class Stack:
             f"--- {proc.name}\n{proc.log()}" for proc in (self.web, self.worker) if proc is not None
         )
 
-    def upstream_requests(self) -> list[dict[str, object]]:
-        return list(httpx.get(f"{self.upstream_url}/_requests", timeout=5).json())
+    async def upstream_requests(self) -> list[dict[str, Any]]:
+        """Every chat request the fake upstream received, as it received it."""
+        async with httpx.AsyncClient(timeout=5) as http:
+            return list((await http.get(f"{self.upstream_url}/_requests")).json())
+
+    async def forget_upstream_requests(self) -> None:
+        async with httpx.AsyncClient(timeout=5) as http:
+            await http.delete(f"{self.upstream_url}/_requests")

@@ -9,10 +9,11 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests import dbcheck
 from tests.procs import Stack
-from tests.sse import content_of, frames, read_all
+from tests.sse import frames, read_all
 
 pytestmark = pytest.mark.e2e
 
@@ -140,7 +141,7 @@ async def test_conversation_continues_with_its_history(stack: Stack, sdk: AsyncO
         ],
     )
     conversation_id = first.headers["x-conversation-id"]
-    httpx.delete(f"{stack.upstream_url}/_requests")
+    await stack.forget_upstream_requests()
     second = await sdk.chat.completions.with_raw_response.create(
         model="ollama:fake-model",
         messages=[{"role": "user", "content": [{"type": "text", "text": "second question"}]}],
@@ -154,7 +155,7 @@ async def test_conversation_continues_with_its_history(stack: Stack, sdk: AsyncO
     assert second.headers["x-conversation-id"] == conversation_id
     assert second.parse().choices[0].message.content == "Echo: second question"
 
-    [sent] = [r["body"] for r in stack.upstream_requests()]
+    [sent] = [r["body"] for r in (await stack.upstream_requests())]
     roles_contents = [(m["role"], m["content"]) for m in sent["messages"]]
     system = [content for role, content in roles_contents if role == "system"]
     assert system[0] == "Answer like a pirate."  # the client's own system message is kept
@@ -172,7 +173,7 @@ async def test_conversation_continues_with_its_history(stack: Stack, sdk: AsyncO
 
 
 async def test_context_window_is_bounded(stack: Stack, sdk: AsyncOpenAI) -> None:
-    history = []
+    history: list[ChatCompletionMessageParam] = []
     for i in range(12):  # 24 stored messages before the last turn
         history += [
             {"role": "user", "content": f"q{i}"},
@@ -181,13 +182,13 @@ async def test_context_window_is_bounded(stack: Stack, sdk: AsyncOpenAI) -> None
     raw = await sdk.chat.completions.with_raw_response.create(
         model="ollama:fake-model", messages=[*history, {"role": "user", "content": "q12"}]
     )
-    httpx.delete(f"{stack.upstream_url}/_requests")
+    await stack.forget_upstream_requests()
     await sdk.chat.completions.create(
         model="ollama:fake-model",
         messages=[{"role": "user", "content": "latest"}],
         extra_headers={"X-Conversation-ID": raw.headers["x-conversation-id"]},
     )
-    [sent] = [r["body"] for r in stack.upstream_requests()]
+    [sent] = [r["body"] for r in (await stack.upstream_requests())]
     non_system = [m for m in sent["messages"] if m["role"] != "system"]
     assert len(non_system) == 20 + 1  # HAIA_CONTEXT_MESSAGES history + the new turn
     assert non_system[-1]["content"] == "latest"
@@ -305,7 +306,7 @@ async def test_openai_chat_provider_reaches_the_upstream(stack: Stack, sdk: Asyn
         model="openai-chat:fake-model", messages=[{"role": "user", "content": "via openai"}]
     )
     assert completion.choices[0].message.content == "Echo: via openai"
-    sent = stack.upstream_requests()[-1]
+    sent = (await stack.upstream_requests())[-1]
     assert sent["headers"]["authorization"] == "Bearer sk-test-not-a-real-key"
 
 

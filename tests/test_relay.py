@@ -1,4 +1,4 @@
-"""The web's event hub and relay against a real Redis: confirmed subscriptions, no gap, no repeat."""
+"""The event hub and relay against a real Redis: confirmed subscriptions, no gap, no repeat."""
 
 from __future__ import annotations
 
