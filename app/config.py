@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(
         default=15.0, gt=0, le=300, validation_alias=_env("HAIA_KEEPALIVE_INTERVAL")
     )
+    worker_dead_after: float = Field(
+        default=10.0, ge=2, le=300, validation_alias=_env("HAIA_WORKER_DEAD_AFTER")
+    )
+    shutdown_grace: int = Field(
+        default=20, ge=0, le=3600, validation_alias=_env("HAIA_SHUTDOWN_GRACE")
+    )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, validation_alias=_env("HAIA_MAX_BODY_BYTES")
     )

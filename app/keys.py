@@ -3,6 +3,8 @@
 arq keeps its own job bookkeeping under `arq:job:*`, `arq:in-progress:*` and `arq:result:*`.
 """
 
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
 PREFIX = "haia:"
 QUEUE = f"{PREFIX}queue"
 """The arq queue (a sorted set of job ids); arq's health key is `haia:queue:health-check`."""
@@ -19,3 +21,30 @@ def gen_channel(completion_id: str) -> str:
 def gen_log(completion_id: str) -> str:
     """The list holding every event of a generation, for replay."""
     return f"{PREFIX}gen:{completion_id}:log"
+
+
+INFLIGHT = f"{PREFIX}inflight"
+"""Hash: completion id → JSON of every running generation (conversation, model, tokens, worker…)."""
+
+
+def gen_cancel(completion_id: str) -> str:
+    """Set when a client asked to cancel the generation."""
+    return f"{PREFIX}gen:{completion_id}:cancel"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    """Exists while the worker is alive (refreshed every few seconds, with a short TTL)."""
+    return f"{PREFIX}worker:{worker_id}"
+
+
+def arq_job_keys(job_id: str) -> tuple[str, ...]:
+    """arq's own records of a job."""
+    return (job_key_prefix + job_id, in_progress_key_prefix + job_id, retry_key_prefix + job_id)
+
+
+def arq_in_progress(job_id: str) -> str:
+    return in_progress_key_prefix + job_id
+
+
+def arq_retry(job_id: str) -> str:
+    return retry_key_prefix + job_id

@@ -33,6 +33,10 @@ class Follower:
             raise Unavailable("HAIA lost its connection to Redis; try again shortly.") from exc
         return [Event.from_json(item) for item in raw]
 
+    async def has_log(self) -> bool:
+        """True while the generation's replay log exists in Redis."""
+        return bool(await self._redis.exists(self._log))
+
     async def events(self, *, after: int = 0) -> AsyncGenerator[Event | None, None]:
         """Events with `seq > after`, in order, until the terminal one; `None` while silent.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,3 +173,25 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None = None
+    first_token_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class StoredCompletion(BaseModel):
+    """`GET /v1/chat/completions/{id}`: a completion as stored, with where it stands."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    status: str
+    conversation_id: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    timings: Timings
+    error: ErrorDetail | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -22,10 +23,11 @@ from app.config import Settings
 from app.context import Services
 from app.db import close_database, open_database
 from app.errors import HaiaError, Unauthorized, error_body
+from app.generations import MAX_TRIES, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
 from app.relay import Relay
-from app.routes import chat, health, models
+from app.routes import chat, completions, health, models
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,19 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
             catalog=Catalog(settings, http),
         )
 
+    async def reap(app: App) -> None:
+        """Notice generations whose worker died, even when no worker is left to do it."""
+        svc: Services = app.ctx.services
+        while True:
+            await asyncio.sleep(settings.worker_dead_after / 4)
+            try:
+                await reap_orphans(svc.redis, settings, max_tries=MAX_TRIES)
+            except Exception as exc:  # noqa: BLE001 - Redis or the database away: next round
+                log.warning("orphan check failed (%s)", type(exc).__name__)
+
+    async def start_reaper(app: App) -> None:
+        app.add_task(reap(app), name="haia-reaper")
+
     async def close_resources(app: App) -> None:
         svc: Services = app.ctx.services
         await svc.hub.stop()
@@ -67,6 +82,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
         await close_database()
 
     app.before_server_start(open_resources)
+    app.after_server_start(start_reaper)
     app.after_server_stop(close_resources)
 
 
@@ -136,5 +152,5 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
     setup_correlation(app, settings)
     setup_errors(app)
     setup_resources(app, settings, redis_url)
-    app.blueprint([chat.bp, models.bp, health.bp])
+    app.blueprint([chat.bp, completions.bp, models.bp, health.bp])
     return app

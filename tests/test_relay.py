@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from app import keys
 from app.events import Event
 from app.hub import EventHub
+from app.publish import Publisher
 from app.relay import Relay
 from tests.conftest import REDIS_URL
-from workers.publish import Publisher
 
 
 @pytest.fixture

@@ -4,58 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 
 from pydantic_ai import Agent
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from redis.asyncio import Redis
 
+from app import keys
 from app.config import Settings
 from app.db.models import FINISHED, Message, Status
 from app.errors import HaiaError
+from app.generations import (
+    Ending,
+    Inflight,
+    claim_for_worker,
+    end_without_worker,
+    finish,
+    logged_events,
+    publisher_for,
+)
 from app.llm import build_model, translate_model_error
 from app.logs import request_id_var
+from app.publish import Publisher
 from workers.context import load_context
-from workers.publish import Publisher
 
 log = logging.getLogger(__name__)
 
 _FINISH_REASONS = {"tool_call": "tool_calls", "error": "stop"}
-
-
-class WorkerContext(TypedDict):
-    """What `on_startup` puts in arq's ctx (arq adds its own keys beside these)."""
-
-    settings: Settings
-    redis: Redis
-    agent: Agent[None, str]
-    models: dict[str, Model]
-
-
-@dataclass
-class Outcome:
-    """What a generation produced, stored whatever happened."""
-
-    text: list[str] = field(default_factory=list)
-    status: Status = Status.COMPLETED
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    first_token_at: datetime | None = None
-    error: HaiaError | None = None
-
-    def usage(self) -> dict[str, int] | None:
-        if self.prompt_tokens is None and self.completion_tokens is None:
-            return None
-        prompt, completion = self.prompt_tokens or 0, self.completion_tokens or 0
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+PROGRESS_EVERY = 16
+"""Deltas between updates of the token count in `haia:inflight`."""
 
 
 def _model(ctx: dict[str, Any], model_id: str) -> Model:
@@ -74,51 +53,85 @@ async def generate(
 ) -> str:
     """Generate the assistant turn stored under `completion_id`; return its final status."""
     settings: Settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
     request_id_var.set(request_id or "-")
     message = await Message.get_or_none(completion_id=completion_id)
     if message is None or message.status in FINISHED:
         return "skipped"
-    publisher = Publisher(
-        ctx["redis"],
-        completion_id,
-        running_ttl=settings.job_timeout + settings.replay_ttl,
-        final_ttl=settings.replay_ttl,
-    )
-    await publisher.resume_numbering()
-    message.status = Status.IN_PROGRESS
-    message.started_at = datetime.now(UTC)
-    await message.save(update_fields=["status", "started_at"])
-    await publisher.emit("start", status=Status.IN_PROGRESS.value)
-    log.info("generation %s started", completion_id)
+    if await redis.exists(keys.gen_cancel(completion_id)):
+        await end_without_worker(redis, settings, completion_id, status=Status.CANCELLED)
+        return Status.CANCELLED.value
+    if any(event.type == "delta" for event in await logged_events(redis, completion_id)):
+        # An earlier attempt streamed text before its worker stopped: restarting would repeat
+        # it to attached clients, so the generation ends here with what was said.
+        await end_without_worker(redis, settings, completion_id, status=Status.INTERRUPTED)
+        return Status.INTERRUPTED.value
+    return await _generate(ctx, message, sampling or {})
 
-    outcome = Outcome()
+
+async def _generate(ctx: dict[str, Any], message: Message, sampling: dict[str, Any]) -> str:
+    settings: Settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
+    completion_id = str(message.completion_id)
+    publisher = publisher_for(redis, settings, completion_id)
+    await publisher.resume_numbering()
+    if not await claim_for_worker(completion_id):
+        return "skipped"
+    await message.refresh_from_db()
+    inflight = Inflight(redis)
+    await inflight.add(message, worker_id=ctx["worker_id"])
+    await publisher.emit("start", status=Status.IN_PROGRESS.value)
+    log.info("generation %s started on %s", completion_id, message.model)
+
+    ending = Ending(status=Status.COMPLETED, text="")
+    parts: list[str] = []
     try:
-        await _run(ctx, message, publisher, outcome, sampling or {})
-    except HaiaError as exc:
-        outcome.status, outcome.error = Status.FAILED, exc
+        await _run(ctx, message, publisher, ending, parts, sampling)
+    except asyncio.CancelledError:
+        if not await redis.exists(keys.gen_cancel(completion_id)):
+            # Worker shutdown: arq hands the job back; its next run decides what to do.
+            await asyncio.shield(inflight.remove(completion_id))
+            raise
+        ending.status, ending.finish_reason = Status.CANCELLED, "stop"
+        await asyncio.shield(_end(message, publisher, ending, parts, inflight))
+        raise
     except Exception as exc:
-        outcome.status = Status.FAILED
-        outcome.error = translate_model_error(exc, model_id=message.model or "")
-        log.warning(
-            "generation failed: %s",
-            type(exc).__name__,
-            exc_info=not isinstance(outcome.error, HaiaError) or outcome.error.status >= 500,
+        ending.status = Status.FAILED
+        ending.error = (
+            exc
+            if isinstance(exc, HaiaError)
+            else translate_model_error(exc, model_id=message.model or "")
         )
-    finally:
-        # Store and announce the end even when the job is being cancelled.
-        await asyncio.shield(_finish(message, publisher, outcome))
-    return outcome.status.value
+        log.warning(
+            "generation %s failed: %s",
+            completion_id,
+            type(exc).__name__,
+            exc_info=ending.error.status == 500,
+        )
+    await asyncio.shield(_end(message, publisher, ending, parts, inflight))
+    return ending.status.value
+
+
+async def _end(
+    message: Message, publisher: Publisher, ending: Ending, parts: list[str], inflight: Inflight
+) -> None:
+    ending.text = "".join(parts)
+    await finish(message, publisher, ending)
+    await inflight.remove(str(message.completion_id))
 
 
 async def _run(
     ctx: dict[str, Any],
     message: Message,
     publisher: Publisher,
-    outcome: Outcome,
+    ending: Ending,
+    parts: list[str],
     sampling: dict[str, Any],
 ) -> None:
     settings: Settings = ctx["settings"]
     agent: Agent[None, str] = ctx["agent"]
+    inflight = Inflight(ctx["redis"])
+    entry = await inflight.get(str(message.completion_id)) or {}
     history, prompt = await load_context(message, limit=settings.context_messages)
     model_settings = ModelSettings(timeout=settings.llm_timeout, **sampling)  # type: ignore[typeddict-item]
     async with agent.run_stream(
@@ -130,32 +143,14 @@ async def _run(
         async for delta in run.stream_text(delta=True, debounce_by=None):
             if not delta:
                 continue
-            if outcome.first_token_at is None:
-                outcome.first_token_at = datetime.now(UTC)
-            outcome.text.append(delta)
+            if ending.first_token_at is None:
+                ending.first_token_at = datetime.now(UTC)
+            parts.append(delta)
             await publisher.emit("delta", text=delta)
+            if len(parts) % PROGRESS_EVERY == 0:
+                await inflight.progress(str(message.completion_id), entry, len(parts))
         usage = run.usage
-        finish = run.response.finish_reason
-    outcome.prompt_tokens = usage.input_tokens
-    outcome.completion_tokens = usage.output_tokens
-    outcome.finish_reason = _FINISH_REASONS.get(finish or "stop", finish or "stop")
-
-
-async def _finish(message: Message, publisher: Publisher, outcome: Outcome) -> None:
-    message.content = "".join(outcome.text)
-    message.status = outcome.status
-    message.finish_reason = outcome.finish_reason
-    message.prompt_tokens = outcome.prompt_tokens
-    message.completion_tokens = outcome.completion_tokens
-    message.first_token_at = outcome.first_token_at
-    message.finished_at = datetime.now(UTC)
-    message.error = outcome.error.body()["error"] if outcome.error else None
-    await message.save()
-    await publisher.emit(
-        "end",
-        status=outcome.status.value,
-        finish_reason=outcome.finish_reason,
-        usage=outcome.usage(),
-        error=message.error,
-        extra={"http_status": outcome.error.status} if outcome.error else {},
-    )
+        finish_reason = run.response.finish_reason
+    ending.prompt_tokens = usage.input_tokens
+    ending.completion_tokens = usage.output_tokens
+    ending.finish_reason = _FINISH_REASONS.get(finish_reason or "stop", finish_reason or "stop")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
@@ -12,8 +11,7 @@ from sanic_ext import openapi
 from app import keys
 from app.context import Services, services
 from app.db.models import Status
-from app.errors import HaiaError, RelayedError, Unavailable
-from app.events import Event
+from app.errors import Unavailable
 from app.logs import request_id_var
 from app.relay import Follower
 from app.request_body import parse_body
@@ -25,7 +23,7 @@ from app.schemas import (
     ErrorResponse,
     Usage,
 )
-from app.sse import DONE, PING, ChunkWriter
+from app.streaming import StreamTarget, failure, first_event, open_stream, relay
 from app.turns import Turn, abandon_turn, new_completion_id, start_turn
 
 bp = Blueprint("chat")
@@ -77,23 +75,6 @@ async def _enqueue(svc: Services, turn: Turn, body: ChatCompletionRequest) -> No
         raise error from exc
 
 
-def _failure(event: Event) -> HaiaError:
-    retry_after = event.extra.get("retry_after")
-    return RelayedError(
-        event.error or {"message": "The generation failed.", "type": "api_error"},
-        status=int(event.extra.get("http_status", 500)),
-        retry_after=float(retry_after) if retry_after is not None else None,
-    )
-
-
-async def _first_event(events: AsyncIterator[Event | None]) -> Event | None:
-    """The first delta or end event, or None once the keep-alive interval passes in silence."""
-    async for event in events:
-        if event is None or event.type != "start":
-            return event
-    return None
-
-
 async def _stream(
     request: Request,
     follower: Follower,
@@ -102,44 +83,17 @@ async def _stream(
     headers: dict[str, str],
 ) -> None:
     events = follower.events()
-    first = await _first_event(events)
+    first = await first_event(events)
     if first is not None and first.is_terminal and first.status == Status.FAILED:
-        raise _failure(first)  # nothing sent yet: the client gets the real status
-    writer = ChunkWriter(
+        raise failure(first)  # nothing sent yet: the client gets the real status
+    target = StreamTarget(
         completion_id=turn.completion_id,
-        created=int(time.time()),
         model=turn.model,
+        created=int(time.time()),
         include_usage=include_usage,
     )
-    response = await request.respond(
-        content_type="text/event-stream; charset=utf-8",
-        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-    await response.send(writer.role())
-    pending: list[Event | None] = [first]
-    async for event in _chain(pending, events):
-        if event is None:
-            await response.send(PING)
-        elif event.type == "delta":
-            await response.send(writer.content(event.text, event.seq))
-        elif event.is_terminal:
-            if event.status == Status.FAILED:
-                await response.send(writer.error(event.error or {}, event.seq))
-            else:
-                await response.send(writer.finish(event.finish_reason or "stop", event.seq))
-                await response.send(writer.usage(event.usage))
-            break
-    await response.send(DONE)
-    await response.eof()
-
-
-async def _chain(
-    first: list[Event | None], rest: AsyncIterator[Event | None]
-) -> AsyncIterator[Event | None]:
-    for event in first:
-        yield event
-    async for event in rest:
-        yield event
+    response = await open_stream(request, headers)
+    await relay(response, target, events, first=[first])
 
 
 async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> HTTPResponse:
@@ -150,8 +104,8 @@ async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> H
         if event.type == "delta":
             parts.append(event.text)
             continue
-        if event.status == Status.FAILED:
-            raise _failure(event)
+        if event.status in (Status.FAILED, Status.INTERRUPTED):
+            raise failure(event)
         completion = ChatCompletion(
             id=turn.completion_id,
             created=int(time.time()),

@@ -1,0 +1,172 @@
+"""A completion after its request: retrieve it, (re)attach to its stream, cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from arq.constants import abort_jobs_ss
+from arq.utils import timestamp_ms
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.response import json as json_response
+from sanic_ext import openapi
+
+from app import keys
+from app.context import Services, services
+from app.db.models import FINISHED, Message, Status
+from app.errors import InvalidRequest, NotFound
+from app.events import Event
+from app.generations import end_without_worker, logged_events, text_of
+from app.schemas import (
+    AssistantMessage,
+    Choice,
+    ErrorDetail,
+    ErrorResponse,
+    StoredCompletion,
+    Timings,
+    Usage,
+)
+from app.streaming import StreamTarget, open_stream, relay
+
+bp = Blueprint("completions")
+
+CANCEL_WAIT = 10.0
+
+
+async def _message(completion_id: str) -> Message:
+    message = await Message.get_or_none(completion_id=completion_id, role="assistant")
+    if message is None:
+        raise NotFound(f"No chat completion {completion_id!r} exists.", param="completion_id")
+    return message
+
+
+async def stored_completion(svc: Services, message: Message) -> StoredCompletion:
+    """The completion as stored; while it runs, the text so far comes from its replay log."""
+    text = message.content
+    if message.status not in FINISHED:
+        text = text_of(await logged_events(svc.redis, str(message.completion_id)))
+    usage = None
+    if message.prompt_tokens is not None or message.completion_tokens is not None:
+        prompt, completion = message.prompt_tokens or 0, message.completion_tokens or 0
+        usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+    return StoredCompletion(
+        id=str(message.completion_id),
+        created=int(message.created_at.timestamp()),
+        model=message.model or "",
+        status=message.status.value,
+        conversation_id=message.conversation_id,  # type: ignore[attr-defined]
+        choices=[
+            Choice(message=AssistantMessage(content=text), finish_reason=message.finish_reason)
+        ],
+        usage=usage,
+        timings=Timings(
+            created_at=message.created_at,
+            started_at=message.started_at,
+            first_token_at=message.first_token_at,
+            finished_at=message.finished_at,
+        ),
+        error=ErrorDetail.model_validate(message.error) if message.error else None,
+    )
+
+
+@bp.get("/v1/chat/completions/<completion_id:str>")
+@openapi.summary("Retrieve a stored chat completion and its status")
+@openapi.response(200, {"application/json": StoredCompletion}, "The completion")
+@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+async def get_completion(request: Request, completion_id: str) -> HTTPResponse:
+    svc = services(request)
+    completion = await stored_completion(svc, await _message(completion_id))
+    return json_response(completion.model_dump(mode="json"))
+
+
+def _resume_point(request: Request) -> int:
+    raw = request.args.get("starting_after") or request.headers.get("Last-Event-ID") or "0"
+    if not raw.isdigit():
+        raise InvalidRequest(
+            "starting_after / Last-Event-ID must be a non-negative integer.",
+            param="starting_after",
+        )
+    return int(raw)
+
+
+@bp.get("/v1/chat/completions/<completion_id:str>/stream")
+@openapi.summary(
+    "Attach to a generation's SSE stream (resume with Last-Event-ID or starting_after)"
+)
+@openapi.parameter("starting_after", int, "query")
+@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+async def stream_completion(request: Request, completion_id: str) -> None:
+    svc = services(request)
+    after = _resume_point(request)
+    async with svc.relay.follow(completion_id) as follower:
+        message = await _message(completion_id)  # after subscribing: nothing can slip by
+        target = StreamTarget(
+            completion_id=completion_id,
+            model=message.model or "",
+            created=int(message.created_at.timestamp()),
+            include_usage=True,
+        )
+        headers = {"X-Conversation-ID": str(message.conversation_id)}  # type: ignore[attr-defined]
+        if message.status in FINISHED and not await follower.has_log():
+            response = await open_stream(request, headers)
+            await relay(response, target, _from_database(message, after), send_role=after == 0)
+            return
+        response = await open_stream(request, headers)
+        await relay(response, target, follower.events(after=after), send_role=after == 0)
+
+
+async def _from_database(message: Message, after: int) -> AsyncGenerator[Event | None, None]:
+    """A finished generation whose replay log expired: its stored text as one delta."""
+    if after == 0 and message.content:
+        yield Event(seq=1, type="delta", text=message.content)
+    usage = None
+    if message.completion_tokens is not None:
+        prompt, completion = message.prompt_tokens or 0, message.completion_tokens or 0
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    yield Event(
+        seq=2,
+        type="end",
+        status=message.status.value,
+        finish_reason=message.finish_reason,
+        usage=usage,
+        error=message.error,
+    )
+
+
+@bp.post("/v1/chat/completions/<completion_id:str>/cancel")
+@openapi.summary("Cancel a generation (idempotent); returns the stored completion")
+@openapi.response(200, {"application/json": StoredCompletion}, "The completion")
+@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+async def cancel_completion(request: Request, completion_id: str) -> HTTPResponse:
+    svc = services(request)
+    message = await _message(completion_id)
+    if message.status not in FINISHED:
+        async with svc.relay.follow(completion_id) as follower:
+            await svc.redis.set(keys.gen_cancel(completion_id), "1", ex=svc.settings.job_timeout)
+            # Not started yet: end it here. Running (or starting right now): abort the job; the
+            # worker stores the partial text. The database decides which of the two wins.
+            await end_without_worker(
+                svc.redis, svc.settings, completion_id, status=Status.CANCELLED
+            )
+            await _abort(svc, completion_id)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT):
+                    async for event in follower.events():
+                        if event is not None and event.is_terminal:
+                            break
+        await message.refresh_from_db()
+    completion = await stored_completion(svc, message)
+    return json_response(completion.model_dump(mode="json"))
+
+
+async def _abort(svc: Services, completion_id: str) -> None:
+    """Ask arq to cancel the job wherever it runs (workers check on their next poll)."""
+    await svc.redis.zadd(abort_jobs_ss, {completion_id: timestamp_ms()})
+    await svc.redis.publish(keys.WAKE_CHANNEL, completion_id)

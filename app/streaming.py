@@ -1,0 +1,99 @@
+"""Relaying a generation to one client as OpenAI SSE chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import cast
+
+from sanic import Request
+from sanic.response import HTTPResponse
+
+from app.db.models import Status
+from app.errors import HaiaError, RelayedError
+from app.events import Event
+from app.sse import DONE, PING, ChunkWriter
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class StreamTarget:
+    completion_id: str
+    model: str
+    created: int
+    include_usage: bool
+
+    def writer(self) -> ChunkWriter:
+        return ChunkWriter(
+            completion_id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            include_usage=self.include_usage,
+        )
+
+
+def failure(event: Event) -> HaiaError:
+    """The error a failed `end` event carries, with the HTTP status the worker chose."""
+    retry_after = event.extra.get("retry_after")
+    return RelayedError(
+        event.error or {"message": "The generation failed.", "type": "api_error"},
+        status=int(event.extra.get("http_status", 500)),
+        retry_after=float(retry_after) if retry_after is not None else None,
+    )
+
+
+async def first_event(events: AsyncGenerator[Event | None, None]) -> Event | None:
+    """The first delta or end event, or None once a keep-alive interval passes in silence."""
+    async for event in events:
+        if event is None or event.type != "start":
+            return event
+    return None
+
+
+async def open_stream(request: Request, headers: dict[str, str]) -> HTTPResponse:
+    """Send the SSE response headers; the returned response takes the body piece by piece."""
+    response = await request.respond(
+        content_type="text/event-stream; charset=utf-8", headers={**headers, **SSE_HEADERS}
+    )
+    return cast(HTTPResponse, response)
+
+
+async def relay(
+    response: HTTPResponse,
+    target: StreamTarget,
+    events: AsyncGenerator[Event | None, None],
+    *,
+    first: list[Event | None] | None = None,
+    send_role: bool = True,
+) -> None:
+    """Send `first` then `events` as chunks until the end event, then `data: [DONE]`."""
+    writer = target.writer()
+    if send_role:
+        await response.send(writer.role())
+    for event in first or []:
+        if await _send(response, writer, event):
+            return
+    async for event in events:
+        if await _send(response, writer, event):
+            return
+
+
+async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None) -> bool:
+    """Send one event's chunks; True once the stream is over."""
+    if event is None:
+        await response.send(PING)
+        return False
+    if event.type == "delta":
+        await response.send(writer.content(event.text, event.seq))
+        return False
+    if not event.is_terminal:
+        return False
+    if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
+        await response.send(writer.error(event.error or {}, event.seq))
+    else:
+        await response.send(writer.finish(event.finish_reason or "stop", event.seq))
+        await response.send(writer.usage(event.usage))
+    await response.send(DONE)
+    await response.eof()  # type: ignore[no-untyped-call]
+    return True
