@@ -117,16 +117,21 @@ async def finish(message: Message, publisher: Publisher, ending: Ending) -> None
 
 
 async def end_without_worker(
-    redis: Redis, settings: Settings, completion_id: str, *, status: Status
+    redis: Redis,
+    settings: Settings,
+    completion_id: str,
+    *,
+    status: Status,
+    only_if: tuple[Status, ...] = (Status.QUEUED, Status.IN_PROGRESS),
 ) -> bool:
     """End a generation no worker is running (cancelled while queued, or orphaned).
 
-    Claims it in the database first (only a queued or running generation can be ended), then
-    keeps whatever text the log holds. Returns False when it had already ended.
+    Claims it in the database first (only while its status is one of `only_if`), then keeps
+    whatever text the log holds. Returns False when someone else ended or runs it.
     """
-    claimed = await Message.filter(
-        completion_id=completion_id, status__in=[Status.QUEUED, Status.IN_PROGRESS]
-    ).update(status=status)
+    claimed = await Message.filter(completion_id=completion_id, status__in=only_if).update(
+        status=status
+    )
     message = await Message.get_or_none(completion_id=completion_id)
     if not claimed or message is None:
         return False

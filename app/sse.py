@@ -13,11 +13,12 @@ class ChunkWriter:
     """Renders `chat.completion.chunk` frames; the header of every chunk is built once."""
 
     def __init__(self, *, completion_id: str, created: int, model: str, include_usage: bool):
+        # Content chunks are the same bytes whoever reads them (the first client or a resume);
+        # the usage chunk, when asked for, comes last with `choices: []`.
         self._include_usage = include_usage
-        usage = ',"usage":null' if include_usage else ""
         self._head = (
             f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
-            f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null{usage},'
+            f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null,'
             f'"choices":'
         )
 
@@ -49,10 +50,8 @@ class ChunkWriter:
         if not self._include_usage:
             return b""
         body = usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        head = self._head.replace(
-            ',"usage":null', f',"usage":{json.dumps(body, separators=(",", ":"))}'
-        )
-        return f"data: {head}[]}}\n\n".encode()
+        usage_json = json.dumps(body, separators=(",", ":"))
+        return f'data: {self._head}[],"usage":{usage_json}}}\n\n'.encode()
 
     @staticmethod
     def error(detail: dict[str, Any], seq: int) -> bytes:

@@ -29,6 +29,7 @@ class Turn:
     conversation_id: str
     completion_id: str
     model: str
+    created: int
 
 
 def _title(messages: list[ChatMessage]) -> str:
@@ -72,7 +73,7 @@ async def start_turn(
                 if m.role in _STORED_ROLES
             ]
         )
-        await Message.create(
+        assistant = await Message.create(
             conversation=conversation,
             role="assistant",
             status=Status.QUEUED,
@@ -80,7 +81,12 @@ async def start_turn(
             model=model,
             request_id=request_id,
         )
-    return Turn(conversation_id=conversation.id, completion_id=completion_id, model=model)
+    return Turn(
+        conversation_id=conversation.id,
+        completion_id=completion_id,
+        model=model,
+        created=int(assistant.created_at.timestamp()),
+    )
 
 
 async def abandon_turn(turn: Turn, *, reason: dict[str, object]) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from tests.procs import Stack, free_port, spawn, wait_until
@@ -112,3 +113,36 @@ async def stack(database_url: str, fake_upstream: str, log_dir: Path) -> AsyncIt
     running.start_worker()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def make_stack(
+    database_url: str, fake_upstream: str, log_dir: Path
+) -> Iterator[Callable[..., Stack]]:
+    """Stacks of one's own (not started), for tests that kill and restart processes."""
+    made: list[Stack] = []
+
+    def make(redis_url: str = f"{REDIS_BASE}/13", **env: str) -> Stack:
+        redis.Redis.from_url(redis_url).flushdb()
+        port = free_port()
+        stack = Stack(
+            base_url=f"http://127.0.0.1:{port}",
+            env={
+                **stack_env(
+                    port=port,
+                    database_url=database_url,
+                    upstream=fake_upstream,
+                    redis_url=redis_url,
+                ),
+                **env,
+            },
+            log_dir=log_dir,
+            database_url=database_url,
+            upstream_url=fake_upstream,
+        )
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        stack.stop()

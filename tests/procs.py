@@ -116,6 +116,11 @@ class Stack:
     def healthy(self) -> bool:
         return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
 
+    def start_extra_worker(self) -> Proc:
+        proc = spawn_procfile("worker", self.env, self.log_dir)
+        self.extra.append(proc)
+        return proc
+
     def stop(self) -> None:
         for proc in (self.web, self.worker, *self.extra):
             if proc is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
@@ -89,7 +87,7 @@ async def _stream(
     target = StreamTarget(
         completion_id=turn.completion_id,
         model=turn.model,
-        created=int(time.time()),
+        created=turn.created,
         include_usage=include_usage,
     )
     response = await open_stream(request, headers)
@@ -108,7 +106,7 @@ async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> H
             raise failure(event)
         completion = ChatCompletion(
             id=turn.completion_id,
-            created=int(time.time()),
+            created=turn.created,
             model=turn.model,
             choices=[
                 Choice(

@@ -107,7 +107,7 @@ async def stream_completion(request: Request, completion_id: str) -> None:
             completion_id=completion_id,
             model=message.model or "",
             created=int(message.created_at.timestamp()),
-            include_usage=True,
+            include_usage=request.args.get("include_usage", "").lower() in ("1", "true"),
         )
         headers = {"X-Conversation-ID": str(message.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():
@@ -153,7 +153,11 @@ async def cancel_completion(request: Request, completion_id: str) -> HTTPRespons
             # Not started yet: end it here. Running (or starting right now): abort the job; the
             # worker stores the partial text. The database decides which of the two wins.
             await end_without_worker(
-                svc.redis, svc.settings, completion_id, status=Status.CANCELLED
+                svc.redis,
+                svc.settings,
+                completion_id,
+                status=Status.CANCELLED,
+                only_if=(Status.QUEUED,),
             )
             await _abort(svc, completion_id)
             with contextlib.suppress(TimeoutError):
