@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     model: str | None = Field(default=None, validation_alias=_env("HAIA_MODEL"))
     models: Annotated[list[str], NoDecode] = Field(default=[], validation_alias=_env("HAIA_MODELS"))
+    task_model: str | None = Field(default=None, validation_alias=_env("HAIA_TASK_MODEL"))
     ollama_base_url: str = Field(
         default="http://localhost:11434/v1", validation_alias=_env("OLLAMA_BASE_URL")
     )
@@ -99,7 +100,7 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "task_model", mode="before")
     @classmethod
     def _model(cls, value: object) -> object:
         if isinstance(value, str):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from arq.constants import abort_jobs_ss
+from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
 from app import keys
@@ -21,6 +23,7 @@ from app.db.models import Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
 from app.publish import Publisher
+from app.turns import digest
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,19 @@ async def finish(message: Message, publisher: Publisher, ending: Ending) -> None
     message.first_token_at = message.first_token_at or ending.first_token_at
     message.finished_at = datetime.now(UTC)
     message.error = detail
+    if ending.text:
+        previous = (
+            await Message.filter(
+                conversation_id=message.conversation_id,  # type: ignore[attr-defined]
+                id__lt=message.id,
+                prefix_hash__isnull=False,
+            )
+            .order_by("-id")
+            .first()
+        )
+        message.prefix_hash = digest(
+            previous.prefix_hash if previous else None, "assistant", ending.text
+        )
     await message.save()
     await Conversation.filter(id=message.conversation_id).update(  # type: ignore[attr-defined]
         updated_at=message.finished_at
@@ -230,3 +246,9 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
             await redis.delete(keys.arq_in_progress(completion_id))
             await redis.publish(keys.WAKE_CHANNEL, completion_id)
     return handled
+
+
+async def abort_job(redis: Redis, completion_id: str) -> None:
+    """Ask arq to cancel the job wherever it runs (workers check on their next poll)."""
+    await redis.zadd(abort_jobs_ss, {completion_id: timestamp_ms()})
+    await redis.publish(keys.WAKE_CHANNEL, completion_id)

@@ -195,3 +195,44 @@ class StoredCompletion(BaseModel):
     usage: Usage | None = None
     timings: Timings
     error: ErrorDetail | None = None
+
+
+class ConversationSummary(BaseModel):
+    id: str
+    object: Literal["conversation"] = "conversation"
+    title: str
+    message_count: int
+    created_at: datetime
+    updated_at: datetime
+    parent_id: str | None = None
+
+
+class ConversationPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ConversationSummary]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class StoredMessage(BaseModel):
+    id: int
+    role: str
+    content: str
+    status: str
+    model: str | None = None
+    completion_id: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    created_at: datetime
+    error: ErrorDetail | None = None
+
+
+class ConversationDetail(ConversationSummary):
+    messages: list[StoredMessage]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"] = "conversation.deleted"
+    deleted: bool = True

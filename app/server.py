@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
@@ -27,13 +28,14 @@ from app.generations import MAX_TRIES, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
 from app.relay import Relay
-from app.routes import chat, completions, health, models
+from app.routes import chat, completions, conversations, health, models
 
 log = logging.getLogger(__name__)
 
 App = Sanic[Config, SimpleNamespace]
 
 REQUEST_ID_HEADER = "X-Request-ID"
+OPENWEBUI_USER_HEADER = "X-OpenWebUI-User-Id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _SANIC_TYPES = {
     401: "authentication_error",
@@ -113,8 +115,10 @@ def setup_correlation(app: App, settings: Settings) -> None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
         request.ctx.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id_var.set(request.ctx.request_id)
-        if keys_ and request.path not in PUBLIC_PATHS and not _authorized(request, keys_):
+        key = _authorized_key(request, keys_) if keys_ else None
+        if keys_ and key is None and request.path not in PUBLIC_PATHS:
             raise Unauthorized("Incorrect or missing API key: send Authorization: Bearer <key>.")
+        request.ctx.owner = owner_of(key, request.headers.get(OPENWEBUI_USER_HEADER))
         return None
 
     async def after(request: Request, response: HTTPResponse) -> None:
@@ -126,12 +130,23 @@ def setup_correlation(app: App, settings: Settings) -> None:
     app.on_response(after)  # type: ignore[no-untyped-call]
 
 
-def _authorized(request: Request, allowed: list[bytes]) -> bool:
+def _authorized_key(request: Request, allowed: list[bytes]) -> bytes | None:
+    """The configured key the request presents, compared in constant time; None if none."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        return False
+        return None
     given = token.strip().encode()
-    return any(hmac.compare_digest(given, key) for key in allowed)
+    matches = [key for key in allowed if hmac.compare_digest(given, key)]
+    return matches[0] if matches else None
+
+
+def owner_of(key: bytes | None, openwebui_user: str | None) -> str:
+    """Who owns what a request stores: the API key (by fingerprint, never the key itself),
+    and under it OpenWebUI's forwarded user id when there is one."""
+    owner = f"key:{hashlib.sha256(key).hexdigest()[:16]}" if key else "anonymous"
+    if openwebui_user:
+        owner += f"/user:{openwebui_user.strip()[:120]}"
+    return owner
 
 
 def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App:
@@ -152,5 +167,5 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
     setup_correlation(app, settings)
     setup_errors(app)
     setup_resources(app, settings, redis_url)
-    app.blueprint([chat.bp, completions.bp, models.bp, health.bp])
+    app.blueprint([chat.bp, completions.bp, conversations.bp, models.bp, health.bp])
     return app

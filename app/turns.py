@@ -1,13 +1,24 @@
-"""Storing a chat turn: the conversation, the user's message and a pending assistant message."""
+"""Storing a chat turn: which conversation it belongs to, what is new in it, and the pending
+assistant message the worker will fill.
+
+A request belongs to the conversation named by `X-Conversation-ID`, else by the client's chat
+id (`X-OpenWebUI-Chat-Id`), else to the conversation whose stored messages are exactly the
+history the request resends, else to a new one. Only what is new is stored. A resent history
+that differs from what is stored (an edit, a regeneration) starts a branch: a new conversation
+linked to the old one, which is never rewritten.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from app.db.models import Conversation, Message, Status
+from app.db.models import ChatLink, Conversation, Message, Status
 from app.errors import NotFound
 from app.schemas import ChatMessage
 
@@ -24,6 +35,32 @@ def new_completion_id() -> str:
     return f"chatcmpl-{secrets.token_urlsafe(18)}"
 
 
+def digest(previous: str | None, role: str, content: str) -> str:
+    """The prefix digest of a conversation after one more message."""
+    data = f"{previous or ''}\x1f{role}\x1f{content}".encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def history_digest(messages: Sequence[ChatMessage]) -> str | None:
+    value: str | None = None
+    for message in messages:
+        if message.role in _STORED_ROLES:
+            value = digest(value, _STORED_ROLES[message.role], message.text)
+    return value
+
+
+def title_from(messages: Sequence[ChatMessage]) -> str:
+    for message in messages:
+        if message.role == "user" and message.text.strip():
+            return clip_title(message.text)
+    return ""
+
+
+def clip_title(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= TITLE_LENGTH else text[: TITLE_LENGTH - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Turn:
     conversation_id: str
@@ -32,47 +69,106 @@ class Turn:
     created: int
 
 
-def _title(messages: list[ChatMessage]) -> str:
-    for message in messages:
-        if message.role == "user" and message.text.strip():
-            text = " ".join(message.text.split())
-            return text if len(text) <= TITLE_LENGTH else text[: TITLE_LENGTH - 1] + "…"
-    return ""
+async def head_digest(conversation: Conversation) -> str | None:
+    """The digest of everything stored in `conversation` so far."""
+    head = (
+        await Message.filter(conversation=conversation, prefix_hash__isnull=False)
+        .order_by("-id")
+        .first()
+    )
+    return head.prefix_hash if head else None
+
+
+async def conversation_for_chat(owner: str, chat_id: str, *, title: str = "") -> Conversation:
+    """The conversation a client chat id points at, created (race-safely) if it has none."""
+    for _ in range(3):
+        link = await ChatLink.get_or_none(owner=owner, external_id=chat_id).prefetch_related(
+            "conversation"
+        )
+        if link is not None:
+            return link.conversation
+        try:
+            async with in_transaction():
+                conversation = await Conversation.create(owner=owner, title=title)
+                await ChatLink.create(owner=owner, external_id=chat_id, conversation=conversation)
+            return conversation
+        except IntegrityError:
+            continue  # the other request of the race created it
+    raise RuntimeError(f"could not resolve chat id {chat_id!r}")
+
+
+async def _find(
+    *, owner: str, conversation_id: str | None, chat_id: str | None, history_hash: str | None
+) -> Conversation | None:
+    if conversation_id is not None:
+        found = await Conversation.get_or_none(id=conversation_id, owner=owner)
+        if found is None:
+            raise NotFound(
+                f"No conversation {conversation_id!r} exists.", param="X-Conversation-ID"
+            )
+        return found
+    if chat_id is not None:
+        return await conversation_for_chat(owner, chat_id)
+    if history_hash is None:
+        return None
+    match = (
+        await Message.filter(prefix_hash=history_hash, conversation__owner=owner)
+        .order_by("-id")
+        .prefetch_related("conversation")
+        .first()
+    )
+    return match.conversation if match else None
+
+
+def _has_dialogue(history: Sequence[ChatMessage]) -> bool:
+    return any(message.role in ("user", "assistant") for message in history)
 
 
 async def start_turn(
     *,
+    owner: str,
     completion_id: str,
     messages: list[ChatMessage],
     conversation_id: str | None,
+    chat_id: str | None,
     model: str,
     request_id: str,
 ) -> Turn:
-    """Store the user's turn and a queued assistant turn, in one transaction.
-
-    A new conversation takes every message the client sent (its history and the new turn);
-    an existing one takes only the new turn, since its history is already stored.
-    """
+    """Store what is new in this request and a queued assistant turn; return the turn."""
+    history = messages[:-1]
+    history_hash = history_digest(history) if _has_dialogue(history) else None
+    conversation = await _find(
+        owner=owner, conversation_id=conversation_id, chat_id=chat_id, history_hash=history_hash
+    )
     async with in_transaction():
-        if conversation_id is None:
-            conversation = await Conversation.create(title=_title(messages))
-            incoming = messages
+        incoming = messages
+        if conversation is None:
+            conversation = await Conversation.create(owner=owner, title=title_from(messages))
         else:
-            found = await Conversation.get_or_none(id=conversation_id)
-            if found is None:
-                raise NotFound(
-                    f"No conversation {conversation_id!r} exists.", param="X-Conversation-ID"
+            head = await head_digest(conversation)
+            if head is not None and (history_hash is None or history_hash == head):
+                incoming = messages[-1:]  # the client resent what is stored, or sent only the turn
+            elif head is not None:
+                conversation = await _branch(conversation, owner=owner, chat_id=chat_id)
+            if not conversation.title:
+                conversation.title = title_from(messages)
+            await conversation.save(update_fields=["title", "updated_at"])
+        previous = await head_digest(conversation)
+        rows = []
+        for message in incoming:
+            if message.role not in _STORED_ROLES:
+                continue
+            role = _STORED_ROLES[message.role]
+            previous = digest(previous, role, message.text)
+            rows.append(
+                Message(
+                    conversation=conversation,
+                    role=role,
+                    content=message.text,
+                    prefix_hash=previous,
                 )
-            conversation = found
-            incoming = messages[-1:]
-            await conversation.save(update_fields=["updated_at"])
-        await Message.bulk_create(
-            [
-                Message(conversation=conversation, role=_STORED_ROLES[m.role], content=m.text)
-                for m in incoming
-                if m.role in _STORED_ROLES
-            ]
-        )
+            )
+        await Message.bulk_create(rows)
         assistant = await Message.create(
             conversation=conversation,
             role="assistant",
@@ -87,6 +183,15 @@ async def start_turn(
         model=model,
         created=int(assistant.created_at.timestamp()),
     )
+
+
+async def _branch(parent: Conversation, *, owner: str, chat_id: str | None) -> Conversation:
+    branch = await Conversation.create(
+        owner=owner, title=parent.title, title_from_task=parent.title_from_task, parent=parent
+    )
+    if chat_id is not None:
+        await ChatLink.filter(owner=owner, external_id=chat_id).update(conversation_id=branch.id)
+    return branch
 
 
 async def abandon_turn(turn: Turn, *, reason: dict[str, object]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from redis.asyncio import Redis
@@ -129,28 +131,61 @@ async def _run(
     sampling: dict[str, Any],
 ) -> None:
     settings: Settings = ctx["settings"]
-    agent: Agent[None, str] = ctx["agent"]
     inflight = Inflight(ctx["redis"])
-    entry = await inflight.get(str(message.completion_id)) or {}
+    completion_id = str(message.completion_id)
+    entry = await inflight.get(completion_id) or {}
     history, prompt = await load_context(message, limit=settings.context_messages)
+    log.debug("context for %s: %d stored messages + the new turn", completion_id, len(history))
+
+    async def on_delta(delta: str) -> None:
+        if ending.first_token_at is None:
+            ending.first_token_at = datetime.now(UTC)
+        parts.append(delta)
+        await publisher.emit("delta", text=delta)
+        if len(parts) % PROGRESS_EVERY == 0:
+            await inflight.progress(completion_id, entry, len(parts))
+
+    result = await stream_agent(
+        ctx,
+        agent=ctx["agent"],
+        model_id=message.model or "",
+        history=history,
+        prompt=prompt,
+        sampling=sampling,
+        on_delta=on_delta,
+    )
+    ending.prompt_tokens, ending.completion_tokens, ending.finish_reason = result
+
+
+async def stream_agent(
+    ctx: dict[str, Any],
+    *,
+    agent: Agent[None, str],
+    model_id: str,
+    history: list[ModelMessage],
+    prompt: str,
+    sampling: dict[str, Any],
+    on_delta: Callable[[str], Awaitable[None]],
+) -> tuple[int, int, str]:
+    """Run `agent` on the model, handing every text delta to `on_delta`.
+
+    Returns (prompt tokens, completion tokens, OpenAI finish reason).
+    """
+    settings: Settings = ctx["settings"]
     model_settings = ModelSettings(timeout=settings.llm_timeout, **sampling)  # type: ignore[typeddict-item]
     async with agent.run_stream(
         prompt,
         message_history=history,
-        model=_model(ctx, message.model or ""),
+        model=_model(ctx, model_id),
         model_settings=model_settings,
     ) as run:
         async for delta in run.stream_text(delta=True, debounce_by=None):
-            if not delta:
-                continue
-            if ending.first_token_at is None:
-                ending.first_token_at = datetime.now(UTC)
-            parts.append(delta)
-            await publisher.emit("delta", text=delta)
-            if len(parts) % PROGRESS_EVERY == 0:
-                await inflight.progress(str(message.completion_id), entry, len(parts))
+            if delta:
+                await on_delta(delta)
         usage = run.usage
-        finish_reason = run.response.finish_reason
-    ending.prompt_tokens = usage.input_tokens
-    ending.completion_tokens = usage.output_tokens
-    ending.finish_reason = _FINISH_REASONS.get(finish_reason or "stop", finish_reason or "stop")
+        finish_reason = run.response.finish_reason or "stop"
+    return (
+        usage.input_tokens,
+        usage.output_tokens,
+        _FINISH_REASONS.get(finish_reason, finish_reason),
+    )

@@ -24,6 +24,7 @@ from app.generations import MAX_TRIES, reap_orphans
 from app.logs import setup_logging
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 from workers.generate import generate
+from workers.task import run_task
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     await open_database(settings.database_url)
     ctx["agent"] = Agent(instructions=HOMELAB_ASSISTANT_PROMPT, output_type=str)
+    ctx["task_agent"] = Agent(output_type=str)  # tasks bring their own instructions
     ctx["models"] = {}
     await ctx["redis"].set(
         keys.worker_heartbeat(ctx["worker_id"]), "1", px=int(settings.worker_dead_after * 1000)
@@ -119,7 +121,7 @@ def create_worker(settings: Settings, *, redis_url: str, burst: bool = False) ->
     """The worker for `settings`; arq's ctx carries the settings to every job."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     return WakeableWorker(
-        functions=[generate],
+        functions=[generate, run_task],
         queue_name=keys.QUEUE,
         redis_settings=RedisSettings.from_dsn(redis_url),
         on_startup=startup,

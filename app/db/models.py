@@ -28,10 +28,19 @@ def new_conversation_id() -> str:
 
 
 class Conversation(Model):
-    """A chat: an ordered list of messages."""
+    """A chat: an ordered list of messages, belonging to one owner.
+
+    An edited or regenerated history never rewrites a conversation: it starts a branch, a new
+    conversation whose `parent` is the one it diverged from.
+    """
 
     id = fields.CharField(max_length=64, primary_key=True, default=new_conversation_id)
+    owner = fields.CharField(max_length=200, default="", db_index=True)
     title = fields.CharField(max_length=200, default="")
+    title_from_task = fields.BooleanField(default=False)
+    parent: fields.ForeignKeyNullableRelation[Conversation] = fields.ForeignKeyField(
+        "haia.Conversation", related_name="branches", null=True, on_delete=fields.SET_NULL
+    )
     created_at = fields.DatetimeField(auto_now_add=True)
     updated_at = fields.DatetimeField(auto_now=True)
 
@@ -39,6 +48,21 @@ class Conversation(Model):
 
     class Meta:
         table = "haia_conversation"
+
+
+class ChatLink(Model):
+    """A client's own chat id (OpenWebUI's `X-OpenWebUI-Chat-Id`) → its current conversation."""
+
+    id = fields.BigIntField(primary_key=True)
+    owner = fields.CharField(max_length=200)
+    external_id = fields.CharField(max_length=200)
+    conversation: fields.ForeignKeyRelation[Conversation] = fields.ForeignKeyField(
+        "haia.Conversation", related_name="links", on_delete=fields.CASCADE
+    )
+
+    class Meta:
+        table = "haia_chat_link"
+        unique_together = (("owner", "external_id"),)
 
 
 class Message(Model):
@@ -58,6 +82,8 @@ class Message(Model):
     completion_tokens = fields.IntField(null=True)
     error: dict[str, object] | None = fields.JSONField(null=True)
     request_id = fields.CharField(max_length=128, null=True)
+    prefix_hash = fields.CharField(max_length=64, null=True, db_index=True)
+    """Digest of the conversation up to and including this message (finds resent histories)."""
     created_at = fields.DatetimeField(auto_now_add=True)
     started_at = fields.DatetimeField(null=True)
     first_token_at = fields.DatetimeField(null=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
@@ -22,54 +25,105 @@ from app.schemas import (
     Usage,
 )
 from app.streaming import StreamTarget, failure, first_event, open_stream, relay
-from app.turns import Turn, abandon_turn, new_completion_id, start_turn
+from app.tasks import is_task, is_title_task, title_from_answer
+from app.turns import (
+    Turn,
+    abandon_turn,
+    clip_title,
+    conversation_for_chat,
+    new_completion_id,
+    start_turn,
+)
 
 bp = Blueprint("chat")
 
 CONVERSATION_HEADER = "X-Conversation-ID"
+CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
 
 
 @bp.post("/v1/chat/completions")
 @openapi.summary("Create a chat completion (JSON, or SSE chunks with stream: true)")
+@openapi.description(
+    "Conversation: `X-Conversation-ID`, else `X-OpenWebUI-Chat-Id`, else the stored conversation "
+    "whose messages the request resends, else a new one; the response carries its id in "
+    "`X-Conversation-ID`. OpenWebUI background tasks (`### Task:`) are answered, not stored."
+)
 @openapi.body({"application/json": ChatCompletionRequest})
 @openapi.response(200, {"application/json": ChatCompletion}, "The completion")
 @openapi.response(400, {"application/json": ErrorResponse}, "Invalid request")
+@openapi.response(401, {"application/json": ErrorResponse}, "Missing or wrong API key")
 @openapi.response(404, {"application/json": ErrorResponse}, "Unknown model or conversation")
 @openapi.response(503, {"application/json": ErrorResponse}, "A dependency is unavailable")
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     svc = services(request)
     body = parse_body(request, ChatCompletionRequest)
+    if is_task(body):
+        return await _answer_task(request, svc, body)
     model = await svc.catalog.resolve(body.model)
     completion_id = new_completion_id()
     async with svc.relay.follow(completion_id) as follower:
         turn = await start_turn(
+            owner=request.ctx.owner,
             completion_id=completion_id,
             messages=body.messages,
             conversation_id=request.headers.get(CONVERSATION_HEADER) or None,
+            chat_id=request.headers.get(CHAT_ID_HEADER) or None,
             model=model,
             request_id=request_id_var.get(),
         )
-        await _enqueue(svc, turn, body)
+        await _enqueue(svc, turn, "generate", sampling=body.sampling())
         headers = {CONVERSATION_HEADER: turn.conversation_id}
         if body.stream:
             await _stream(request, follower, turn, body.include_usage, headers)
             return None
-        return await _collect(follower, turn, headers)
+        completion = await _collect(follower, turn)
+        return json_response(completion.model_dump(mode="json"), headers=headers)
 
 
-async def _enqueue(svc: Services, turn: Turn, body: ChatCompletionRequest) -> None:
+async def _answer_task(
+    request: Request, svc: Services, body: ChatCompletionRequest
+) -> HTTPResponse:
+    model = svc.settings.task_model or await svc.catalog.resolve(body.model)
+    chat_id = request.headers.get(CHAT_ID_HEADER) or None
+    turn = Turn(
+        conversation_id="", completion_id=new_completion_id(), model=model, created=int(time.time())
+    )
+    async with svc.relay.follow(turn.completion_id) as follower:
+        await _enqueue(
+            svc,
+            turn,
+            "run_task",
+            sampling=body.sampling(),
+            model_id=model,
+            messages=[(m.role, m.text) for m in body.messages],
+        )
+        completion = await _collect(follower, turn)
+    headers = {}
+    if chat_id is not None:
+        # The title task comes just before the chat's first turn: both land in one conversation.
+        conversation = await conversation_for_chat(request.ctx.owner, chat_id)
+        headers[CONVERSATION_HEADER] = conversation.id
+        title = title_from_answer(completion.choices[0].message.content or "")
+        if is_title_task(body) and title:
+            conversation.title, conversation.title_from_task = clip_title(title), True
+            await conversation.save(update_fields=["title", "title_from_task", "updated_at"])
+    return json_response(completion.model_dump(mode="json"), headers=headers)
+
+
+async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> None:
     try:
         await svc.redis.enqueue_job(
-            "generate",
+            function,
             turn.completion_id,
-            sampling=body.sampling(),
             request_id=request_id_var.get(),
             _job_id=turn.completion_id,
+            **kwargs,
         )
         await svc.redis.publish(keys.WAKE_CHANNEL, turn.completion_id)
     except Exception as exc:
         error = Unavailable("HAIA cannot reach Redis right now; try again shortly.")
-        await abandon_turn(turn, reason=error.body()["error"])
+        if turn.conversation_id:
+            await abandon_turn(turn, reason=error.body()["error"])
         raise error from exc
 
 
@@ -94,7 +148,7 @@ async def _stream(
     await relay(response, target, events, first=[first])
 
 
-async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> HTTPResponse:
+async def _collect(follower: Follower, turn: Turn) -> ChatCompletion:
     parts: list[str] = []
     async for event in follower.events():
         if event is None or event.type == "start":
@@ -104,7 +158,7 @@ async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> H
             continue
         if event.status in (Status.FAILED, Status.INTERRUPTED):
             raise failure(event)
-        completion = ChatCompletion(
+        return ChatCompletion(
             id=turn.completion_id,
             created=turn.created,
             model=turn.model,
@@ -116,5 +170,4 @@ async def _collect(follower: Follower, turn: Turn, headers: dict[str, str]) -> H
             ],
             usage=Usage(**event.usage) if event.usage else Usage(),
         )
-        return json_response(completion.model_dump(mode="json"), headers=headers)
     raise Unavailable("The generation ended without a result.")

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 
-from arq.constants import abort_jobs_ss
-from arq.utils import timestamp_ms
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
@@ -17,7 +15,7 @@ from app.context import Services, services
 from app.db.models import FINISHED, Message, Status
 from app.errors import InvalidRequest, NotFound
 from app.events import Event
-from app.generations import end_without_worker, logged_events, text_of
+from app.generations import abort_job, end_without_worker, logged_events, text_of
 from app.schemas import (
     AssistantMessage,
     Choice,
@@ -34,8 +32,11 @@ bp = Blueprint("completions")
 CANCEL_WAIT = 10.0
 
 
-async def _message(completion_id: str) -> Message:
-    message = await Message.get_or_none(completion_id=completion_id, role="assistant")
+async def _message(request: Request, completion_id: str) -> Message:
+    """The caller's completion; another owner's is as absent as a missing one."""
+    message = await Message.get_or_none(
+        completion_id=completion_id, role="assistant", conversation__owner=request.ctx.owner
+    )
     if message is None:
         raise NotFound(f"No chat completion {completion_id!r} exists.", param="completion_id")
     return message
@@ -78,7 +79,7 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
 @openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
 async def get_completion(request: Request, completion_id: str) -> HTTPResponse:
     svc = services(request)
-    completion = await stored_completion(svc, await _message(completion_id))
+    completion = await stored_completion(svc, await _message(request, completion_id))
     return json_response(completion.model_dump(mode="json"))
 
 
@@ -102,7 +103,7 @@ async def stream_completion(request: Request, completion_id: str) -> None:
     svc = services(request)
     after = _resume_point(request)
     async with svc.relay.follow(completion_id) as follower:
-        message = await _message(completion_id)  # after subscribing: nothing can slip by
+        message = await _message(request, completion_id)  # after subscribing: nothing can slip by
         target = StreamTarget(
             completion_id=completion_id,
             model=message.model or "",
@@ -146,7 +147,7 @@ async def _from_database(message: Message, after: int) -> AsyncGenerator[Event |
 @openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
 async def cancel_completion(request: Request, completion_id: str) -> HTTPResponse:
     svc = services(request)
-    message = await _message(completion_id)
+    message = await _message(request, completion_id)
     if message.status not in FINISHED:
         async with svc.relay.follow(completion_id) as follower:
             await svc.redis.set(keys.gen_cancel(completion_id), "1", ex=svc.settings.job_timeout)
@@ -159,7 +160,7 @@ async def cancel_completion(request: Request, completion_id: str) -> HTTPRespons
                 status=Status.CANCELLED,
                 only_if=(Status.QUEUED,),
             )
-            await _abort(svc, completion_id)
+            await abort_job(svc.redis, completion_id)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_WAIT):
                     async for event in follower.events():
@@ -168,9 +169,3 @@ async def cancel_completion(request: Request, completion_id: str) -> HTTPRespons
         await message.refresh_from_db()
     completion = await stored_completion(svc, message)
     return json_response(completion.model_dump(mode="json"))
-
-
-async def _abort(svc: Services, completion_id: str) -> None:
-    """Ask arq to cancel the job wherever it runs (workers check on their next poll)."""
-    await svc.redis.zadd(abort_jobs_ss, {completion_id: timestamp_ms()})
-    await svc.redis.publish(keys.WAKE_CHANNEL, completion_id)
