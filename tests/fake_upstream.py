@@ -43,6 +43,8 @@ def _last_user_text(body: dict[str, Any]) -> str:
 
 
 def reply_tokens(text: str, options: dict[str, str]) -> list[str]:
+    if text.lstrip().startswith("### Task:") and "title" in text.lower():
+        return ['{"title": ', '"Homelab ', 'Chat"}']
     if "tokens" in options:
         return [f"tok{i} " for i in range(int(options["tokens"]))]
     words = f"Echo: {_DIRECTIVE.sub('', text).strip()}".split(" ")

@@ -16,21 +16,22 @@ from app.db.models import Message, Status
 
 
 async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMessage], str]:
-    """The last `limit` messages before the new user turn, and that turn's text.
+    """The conversation's system messages, the last `limit` other messages before the new user
+    turn, and that turn's text.
 
     Failed or empty assistant turns are left out: the model should not see them.
     """
-    rows = (
-        await Message.filter(conversation_id=assistant.conversation_id, id__lt=assistant.id)  # type: ignore[attr-defined]
-        .filter(~(Q(role="assistant") & (Q(content="") | Q(status=Status.FAILED))))
-        .order_by("-id")
-        .limit(limit + 1)
-    )
+    before = Message.filter(
+        conversation_id=assistant.conversation_id,  # type: ignore[attr-defined]
+        id__lt=assistant.id,
+    ).filter(~(Q(role="assistant") & (Q(content="") | Q(status=Status.FAILED))))
+    system = await before.filter(role="system").order_by("id")
+    rows = await before.filter(role__not="system").order_by("-id").limit(limit + 1)
     rows.reverse()
     if not rows or rows[-1].role != "user":
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     *history, turn = rows
-    return [_to_model_message(row) for row in history], turn.content
+    return [_to_model_message(row) for row in (*system, *history)], turn.content
 
 
 def _to_model_message(row: Message) -> ModelMessage:
