@@ -8,7 +8,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROVIDERS = ("ollama", "anthropic", "openai-chat")
@@ -77,6 +84,17 @@ class Settings(BaseSettings):
         default=0.5, gt=0, le=60, validation_alias=_env("HAIA_WORKER_POLL_DELAY")
     )
     llm_timeout: float = Field(default=300.0, gt=0, validation_alias=_env("HAIA_LLM_TIMEOUT"))
+    llm_retries: int = Field(default=2, ge=0, le=10, validation_alias=_env("HAIA_LLM_RETRIES"))
+    llm_retry_max_wait: float = Field(
+        default=20.0, ge=0, le=600, validation_alias=_env("HAIA_LLM_RETRY_MAX_WAIT")
+    )
+    queue_timeout: float = Field(default=30.0, gt=0, validation_alias=_env("HAIA_QUEUE_TIMEOUT"))
+    request_timeout: float = Field(
+        default=60.0, gt=0, le=3600, validation_alias=_env("HAIA_REQUEST_TIMEOUT")
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", validation_alias=_env("HAIA_LOG_FORMAT")
+    )
     job_timeout: int = Field(default=3600, ge=10, validation_alias=_env("HAIA_JOB_TIMEOUT"))
     replay_ttl: int = Field(default=3600, ge=1, validation_alias=_env("HAIA_REPLAY_TTL"))
     keepalive_interval: float = Field(
@@ -112,10 +130,33 @@ class Settings(BaseSettings):
     def _models(cls, value: list[str]) -> list[str]:
         return [check_model_id(item) for item in value]
 
-    @field_validator("log_level", mode="before")
+    @field_validator("ollama_base_url", "anthropic_base_url", "openai_base_url")
     @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^(rediss?|unix)://", value):
+            raise ValueError(f"{value!r} is not a Redis URL (redis://host:port/db)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgres|postgresql|asyncpg)://", value):
+            raise ValueError(f"{value!r} is not a database URL (sqlite://… or postgres://…)")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @cached_property
     def configured_models(self) -> list[str]:

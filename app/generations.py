@@ -38,6 +38,14 @@ def interrupted_error() -> HaiaError:
     )
 
 
+def no_worker_error(settings: Settings) -> HaiaError:
+    return Unavailable(
+        f"No worker picked up the request within {settings.queue_timeout:g} s "
+        "(HAIA_QUEUE_TIMEOUT); check that the `worker` process is running.",
+        code="no_worker",
+    )
+
+
 def cancelled_detail() -> dict[str, Any]:
     return {
         "message": "The generation was cancelled.",
@@ -139,6 +147,7 @@ async def end_without_worker(
     *,
     status: Status,
     only_if: tuple[Status, ...] = (Status.QUEUED, Status.IN_PROGRESS),
+    error: HaiaError | None = None,
 ) -> bool:
     """End a generation no worker is running (cancelled while queued, or orphaned).
 
@@ -162,7 +171,7 @@ async def end_without_worker(
             status=status,
             text=text_of(events),
             finish_reason="stop" if status == Status.CANCELLED else None,
-            error=interrupted_error() if status == Status.INTERRUPTED else None,
+            error=error or (interrupted_error() if status == Status.INTERRUPTED else None),
             error_detail=cancelled_detail() if status == Status.CANCELLED else None,
             first_token_at=message.started_at if has_text else None,
         ),

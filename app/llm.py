@@ -8,6 +8,7 @@ from pydantic_ai.exceptions import (
     ModelAuthenticationError,
     ModelConnectionError,
     ModelNotFoundError,
+    ModelQuotaExceededError,
     ModelRateLimitError,
     ModelTimeoutError,
     ModelUnavailableError,
@@ -88,40 +89,46 @@ _CREDENTIAL_VARIABLES = {
 def translate_model_error(exc: BaseException, *, model_id: str) -> HaiaError:
     """Map a pydantic-ai/provider failure to HAIA's error types (the one place that does)."""
     provider = model_id.partition(":")[0]
+    server = f"The model's server ({provider})"
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(exc, ModelTimeoutError | TimeoutError):
-        return UpstreamTimeout(f"The model's server ({provider}) did not answer in time.")
+        return UpstreamTimeout(f"{server} did not answer within HAIA_LLM_TIMEOUT.")
     if isinstance(exc, ModelConnectionError):
         return Unavailable(
-            f"The model's server ({provider}) is unreachable; check "
-            f"{_BASE_URL_VARIABLES[provider]}.",
+            f"{server} is unreachable; check {_BASE_URL_VARIABLES[provider]}.",
             retry_after=retry_after,
+        )
+    if isinstance(exc, ModelAPIError):
+        return _translate_api_error(exc, server, provider, model_id, retry_after)
+    if isinstance(exc, UnexpectedModelBehavior):
+        return UpstreamError(f"{server} sent an answer HAIA cannot use.")
+    return HaiaError("The generation failed unexpectedly.")
+
+
+def _translate_api_error(
+    exc: ModelAPIError, server: str, provider: str, model_id: str, retry_after: float | None
+) -> HaiaError:
+    if isinstance(exc, ModelQuotaExceededError):
+        return RateLimited(
+            f"{server} says HAIA's account is out of quota or credit; "
+            f"check the plan behind {_CREDENTIAL_VARIABLES[provider]}.",
+            code="insufficient_quota",
         )
     if isinstance(exc, ModelRateLimitError):
-        return RateLimited(
-            f"The model's server ({provider}) is rate limiting requests.", retry_after=retry_after
-        )
+        return RateLimited(f"{server} is rate limiting requests.", retry_after=retry_after)
     if isinstance(exc, ModelUnavailableError):
-        return Unavailable(
-            f"The model's server ({provider}) is overloaded; try again shortly.",
-            retry_after=retry_after,
-        )
+        return Unavailable(f"{server} is overloaded; try again shortly.", retry_after=retry_after)
     if isinstance(exc, ModelAuthenticationError):
         return Unauthorized(
-            f"The model's server ({provider}) rejected HAIA's credentials; check "
-            f"{_CREDENTIAL_VARIABLES[provider]}.",
+            f"{server} rejected HAIA's credentials; check {_CREDENTIAL_VARIABLES[provider]}.",
             code="upstream_authentication_failed",
         )
     if isinstance(exc, ModelNotFoundError):
         return ModelNotFound(f"The model {model_id!r} does not exist on its server.")
-    if isinstance(exc, ModelAPIError):
-        status = getattr(exc, "status_code", None)
-        if isinstance(status, int) and 400 <= status < 500:
-            return InvalidRequest(f"The model's server ({provider}) rejected the request.")
-        return UpstreamError(f"The model's server ({provider}) failed (status {status}).")
-    if isinstance(exc, UnexpectedModelBehavior):
-        return UpstreamError(f"The model's server ({provider}) sent an answer HAIA cannot use.")
-    return HaiaError("The generation failed unexpectedly.")
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500:
+        return InvalidRequest(f"{server} rejected the request (status {status}).")
+    return UpstreamError(f"{server} failed" + (f" (status {status})." if status else "."))
 
 
 _BASE_URL_VARIABLES = {

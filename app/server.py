@@ -12,18 +12,21 @@ from types import SimpleNamespace
 
 import httpx
 from arq.connections import RedisSettings, create_pool
+from asyncpg.exceptions import InterfaceError, PostgresConnectionError
+from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import SanicException
 from sanic.response import json as json_response
 from sanic_ext import Extend
+from tortoise.exceptions import DBConnectionError, OperationalError
 
 from app import keys
 from app.catalog import Catalog
 from app.config import Settings
 from app.context import Services
 from app.db import close_database, open_database
-from app.errors import HaiaError, Unauthorized, error_body
+from app.errors import HaiaError, Unauthorized, Unavailable, error_body
 from app.generations import MAX_TRIES, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
@@ -45,6 +48,15 @@ _SANIC_TYPES = {
     429: "rate_limit_error",
 }
 PUBLIC_PATHS = frozenset({"/health"})
+_STORE_DOWN = (
+    DBConnectionError,
+    OperationalError,
+    RedisError,
+    PostgresConnectionError,
+    InterfaceError,
+    ConnectionError,
+    OSError,
+)
 
 
 def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
@@ -90,6 +102,12 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
 
 def setup_errors(app: App) -> None:
     async def render(request: Request, exc: Exception) -> HTTPResponse:
+        if isinstance(exc, _STORE_DOWN):
+            log.warning("storage unavailable on %s: %s", request.path, type(exc).__name__)
+            exc = Unavailable(
+                "HAIA's database or Redis is unavailable right now; try again shortly.",
+                code="storage_unavailable",
+            )
         if isinstance(exc, HaiaError):
             return json_response(exc.body(), status=exc.status, headers=exc.headers())
         if isinstance(exc, SanicException) and exc.status_code < 500:
@@ -155,6 +173,7 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
     app.config.update(
         {
             "RESPONSE_TIMEOUT": settings.job_timeout + 60,
+            "REQUEST_TIMEOUT": settings.request_timeout,
             "REQUEST_MAX_SIZE": settings.max_body_bytes,
             "KEEP_ALIVE_TIMEOUT": 75,
             "OAS_UI_DEFAULT": "swagger",

@@ -3,7 +3,8 @@
 Run it with `python -m tests.fake_upstream PORT`. What it answers is steered by a directive in
 the last user message, so tests drive it through HAIA like a real user would:
 
-    #fake tokens=40 delay=0.01 first=0.5 status=429 retry_after=2 cut=5 hang
+    #fake tokens=40 delay=0.01 first=0.5 status=429 retry_after=2 cut=5 hang garbage
+    #fake status=503 fail=2     (the first 2 requests with this text fail, later ones succeed)
 
 Without a directive it answers "Echo: <the user's text>" word by word. `GET /_requests`
 returns every chat request it received (bodies as sent); `DELETE /_requests` forgets them.
@@ -54,6 +55,7 @@ def reply_tokens(text: str, options: dict[str, str]) -> list[str]:
 def create_app() -> Sanic[Any, Any]:
     app = Sanic("fake_upstream")
     app.ctx.requests = []
+    app.ctx.failures = {}
 
     @app.get("/v1/models")
     async def models(request: Request) -> HTTPResponse:
@@ -66,6 +68,7 @@ def create_app() -> Sanic[Any, Any]:
     @app.delete("/_requests")
     async def forget(request: Request) -> HTTPResponse:
         app.ctx.requests.clear()
+        app.ctx.failures.clear()
         return json_response({})
 
     @app.post("/v1/chat/completions")
@@ -73,10 +76,18 @@ def create_app() -> Sanic[Any, Any]:
         body = request.json
         app.ctx.requests.append({"body": body, "headers": dict(request.headers)})
         options = directives(_last_user_text(body))
+        failures = app.ctx.failures
+        key = _last_user_text(body)
+        failures[key] = failures.get(key, 0) + 1
+        if "fail" in options and failures[key] > int(options["fail"]):
+            options.pop("status", None)
+        if "garbage" in options:
+            return HTTPResponse("<html>this is not an LLM</html>", content_type="text/html")
         if "status" in options:
             status = int(options["status"])
             headers = {"retry-after": options["retry_after"]} if "retry_after" in options else {}
-            error = {"message": f"fake error {status}", "type": "api_error", "code": None}
+            kind = "overloaded_error" if status == 529 else "api_error"
+            error = {"message": f"fake error {status}", "type": kind, "code": None}
             return json_response({"error": error}, status=status, headers=headers)
         if "hang" in options:
             await asyncio.sleep(3600)

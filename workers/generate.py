@@ -9,6 +9,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_ai import Agent
+from pydantic_ai.exceptions import (
+    ModelConnectionError,
+    ModelRateLimitError,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
@@ -169,10 +175,62 @@ async def stream_agent(
 ) -> tuple[int, int, str]:
     """Run `agent` on the model, handing every text delta to `on_delta`.
 
+    Transient upstream failures (rate limit with a known wait, overload, refused connection)
+    are retried with a bounded backoff, and only while no text has been sent: a failure
+    mid-stream is never retried silently. The SDKs' own retries are off so the bound is HAIA's.
     Returns (prompt tokens, completion tokens, OpenAI finish reason).
     """
     settings: Settings = ctx["settings"]
-    model_settings = ModelSettings(timeout=settings.llm_timeout, **sampling)  # type: ignore[typeddict-item]
+    sent = False
+
+    async def forward(delta: str) -> None:
+        nonlocal sent
+        sent = True
+        await on_delta(delta)
+
+    for attempt in range(settings.llm_retries + 1):
+        try:
+            return await _attempt(ctx, agent, model_id, history, prompt, sampling, forward)
+        except _TRANSIENT as exc:
+            wait = _retry_wait(exc, attempt, settings)
+            if sent or attempt == settings.llm_retries or wait is None:
+                raise
+            log.info(
+                "upstream %s (%s); retry %d in %.1fs",
+                model_id,
+                type(exc).__name__,
+                attempt + 1,
+                wait,
+            )
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+_TRANSIENT = (ModelRateLimitError, ModelUnavailableError, ModelConnectionError)
+
+
+def _retry_wait(exc: Exception, attempt: int, settings: Settings) -> float | None:
+    """Seconds to wait before retrying `exc`, or None when it must not be retried."""
+    if isinstance(exc, ModelTimeoutError):
+        return None  # silence past HAIA_LLM_TIMEOUT is not transient
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, ModelRateLimitError) and retry_after is None:
+        return None  # e.g. a spend limit: waiting will not help
+    wait = float(retry_after) if retry_after is not None else min(0.5 * 2**attempt, 8.0)
+    return wait if wait <= settings.llm_retry_max_wait else None
+
+
+async def _attempt(
+    ctx: dict[str, Any],
+    agent: Agent[None, str],
+    model_id: str,
+    history: list[ModelMessage],
+    prompt: str,
+    sampling: dict[str, Any],
+    on_delta: Callable[[str], Awaitable[None]],
+) -> tuple[int, int, str]:
+    settings: Settings = ctx["settings"]
+    model_settings = ModelSettings(timeout=settings.llm_timeout, max_retries=0, **sampling)  # type: ignore[typeddict-item]
     async with agent.run_stream(
         prompt,
         message_history=history,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
@@ -13,6 +15,8 @@ from app import keys
 from app.context import Services, services
 from app.db.models import Status
 from app.errors import Unavailable
+from app.events import Event
+from app.generations import abort_job, end_without_worker, no_worker_error
 from app.logs import request_id_var
 from app.relay import Follower
 from app.request_body import parse_body
@@ -76,7 +80,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         if body.stream:
             await _stream(request, follower, turn, body.include_usage, headers)
             return None
-        completion = await _collect(follower, turn)
+        completion = await _collect(svc, follower, turn)
         return json_response(completion.model_dump(mode="json"), headers=headers)
 
 
@@ -97,7 +101,7 @@ async def _answer_task(
             model_id=model,
             messages=[(m.role, m.text) for m in body.messages],
         )
-        completion = await _collect(follower, turn)
+        completion = await _collect(svc, follower, turn)
     headers = {}
     if chat_id is not None:
         # The title task comes just before the chat's first turn: both land in one conversation.
@@ -127,6 +131,36 @@ async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> N
         raise error from exc
 
 
+async def _await_worker(
+    svc: Services, events: AsyncGenerator[Event | None, None], turn: Turn
+) -> list[Event]:
+    """Wait for a worker to start the job; give up with a 503 after HAIA_QUEUE_TIMEOUT.
+
+    Returns the events after `start` that were already read (at most one).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + svc.settings.queue_timeout
+    async for event in events:
+        if event is not None:
+            return [] if event.type == "start" else [event]
+        if loop.time() < deadline:
+            continue
+        error = no_worker_error(svc.settings)
+        ended = await end_without_worker(
+            svc.redis,
+            svc.settings,
+            turn.completion_id,
+            status=Status.FAILED,
+            only_if=(Status.QUEUED,),
+            error=error,
+        )
+        if not ended and not turn.conversation_id:  # a task: nothing stored to end
+            await abort_job(svc.redis, turn.completion_id)
+            raise error
+        deadline = float("inf")  # ended here, or a worker just took it: its events follow
+    raise Unavailable("The generation ended without a result.")
+
+
 async def _stream(
     request: Request,
     follower: Follower,
@@ -134,8 +168,10 @@ async def _stream(
     include_usage: bool,
     headers: dict[str, str],
 ) -> None:
+    svc = services(request)
     events = follower.events()
-    first = await first_event(events)
+    pending = await _await_worker(svc, events, turn)
+    first = pending[0] if pending else await first_event(events)
     if first is not None and first.is_terminal and first.status == Status.FAILED:
         raise failure(first)  # nothing sent yet: the client gets the real status
     target = StreamTarget(
@@ -148,9 +184,11 @@ async def _stream(
     await relay(response, target, events, first=[first])
 
 
-async def _collect(follower: Follower, turn: Turn) -> ChatCompletion:
+async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatCompletion:
     parts: list[str] = []
-    async for event in follower.events():
+    events = follower.events()
+    pending = await _await_worker(svc, events, turn)
+    async for event in _chain(pending, events):
         if event is None or event.type == "start":
             continue
         if event.type == "delta":
@@ -171,3 +209,12 @@ async def _collect(follower: Follower, turn: Turn) -> ChatCompletion:
             usage=Usage(**event.usage) if event.usage else Usage(),
         )
     raise Unavailable("The generation ended without a result.")
+
+
+async def _chain(
+    first: list[Event], rest: AsyncGenerator[Event | None, None]
+) -> AsyncGenerator[Event | None, None]:
+    for event in first:
+        yield event
+    async for later in rest:
+        yield later
