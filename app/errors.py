@@ -82,6 +82,18 @@ class ModelNotFound(HaiaError):
     code = "model_not_found"
 
 
+class BodyTimeout(HaiaError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class BodyTooLarge(HaiaError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class RateLimited(HaiaError):
     status = 429
     type = "rate_limit_error"
@@ -119,6 +131,8 @@ ERROR_TYPES: dict[str, type[HaiaError]] = {
         NotFound,
         ModelNotFound,
         RateLimited,
+        BodyTimeout,
+        BodyTooLarge,
         UpstreamError,
         Unavailable,
         UpstreamTimeout,

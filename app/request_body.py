@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sanic import Request
 
-from app.errors import InvalidRequest
+from app.errors import BodyTimeout, BodyTooLarge, InvalidRequest
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
@@ -18,6 +19,23 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     for part in loc:
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
     return param or None
+
+
+async def read_body(request: Request, *, within: float, max_bytes: int) -> None:
+    """Receive the body of a `stream=True` route, bounding its size and how long it may take."""
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge(
+            f"The request body is {int(declared)} bytes; HAIA accepts at most {max_bytes} "
+            "(HAIA_MAX_BODY_BYTES)."
+        )
+    try:
+        async with asyncio.timeout(within):
+            await request.receive_body()  # type: ignore[no-untyped-call]
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The request body did not arrive within {within:g} s (HAIA_REQUEST_TIMEOUT)."
+        ) from None
 
 
 def parse_body(request: Request, schema: type[SchemaT]) -> SchemaT:

@@ -19,7 +19,7 @@ from app.events import Event
 from app.generations import abort_job, end_without_worker, no_worker_error
 from app.logs import request_id_var
 from app.relay import Follower
-from app.request_body import parse_body
+from app.request_body import parse_body, read_body
 from app.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -45,7 +45,7 @@ CONVERSATION_HEADER = "X-Conversation-ID"
 CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
 
 
-@bp.post("/v1/chat/completions")
+@bp.post("/v1/chat/completions", stream=True)
 @openapi.summary("Create a chat completion (JSON, or SSE chunks with stream: true)")
 @openapi.description(
     "Conversation: `X-Conversation-ID`, else `X-OpenWebUI-Chat-Id`, else the stored conversation "
@@ -60,6 +60,9 @@ CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
 @openapi.response(503, {"application/json": ErrorResponse}, "A dependency is unavailable")
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     svc = services(request)
+    await read_body(
+        request, within=svc.settings.request_timeout, max_bytes=svc.settings.max_body_bytes
+    )
     body = parse_body(request, ChatCompletionRequest)
     if is_task(body):
         return await _answer_task(request, svc, body)
