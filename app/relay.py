@@ -44,11 +44,15 @@ class Follower:
         events the replay covered loses nothing whatever the timing.
         """
         last = after
-        batch: list[Event] | None = await self._logged(after)
+        # The whole log: its end event tells whether `after` is already past the end.
+        logged = await self._logged(0)
+        batch: list[Event] | None = [e for e in logged if e.seq > after or e.is_terminal]
         while True:
             if batch is None:
                 yield None
             for event in batch or ():
+                if event.is_terminal and event.seq <= last:
+                    return  # resumed at or past the end: nothing more to send
                 if event.seq != last + 1:
                     continue
                 yield event
@@ -67,7 +71,7 @@ class Follower:
             if isinstance(item, Exception):
                 raise Unavailable("HAIA lost its connection to Redis; try again shortly.")
             event = Event.from_json(item)
-            if event.seq <= last:
+            if event.seq <= last and not event.is_terminal:
                 continue
             missing = await self._logged(last, event.seq - 2) if event.seq > last + 1 else []
             return [*missing, event]

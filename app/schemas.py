@@ -236,3 +236,14 @@ class Deleted(BaseModel):
     id: str
     object: Literal["conversation.deleted"] = "conversation.deleted"
     deleted: bool = True
+
+
+class Check(BaseModel):
+    status: str
+    detail: str | None = None
+    models: int | None = None
+
+
+class HealthReport(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Check]

@@ -116,6 +116,7 @@ def setup_errors(app: App) -> None:
             return json_response(
                 error_body(message, type_=_SANIC_TYPES.get(status, "invalid_request_error")),
                 status=status,
+                headers=_error_headers(request, exc),
             )
         log.exception("unhandled error on %s %s", request.method, request.path)
         message = (
@@ -124,6 +125,25 @@ def setup_errors(app: App) -> None:
         return json_response(error_body(message, type_="server_error"), status=500)
 
     app.error_handler.add(Exception, render)
+
+
+def _error_headers(request: Request, exc: SanicException) -> dict[str, str]:
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and "Allow" not in headers:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return headers
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the router would accept on this path (Sanic omits them for some routes)."""
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        try:
+            request.app.router.get(request.path, method, request.headers.get("host"))
+        except SanicException:
+            continue
+        allowed.append(method)
+    return allowed
 
 
 def setup_correlation(app: App, settings: Settings) -> None:

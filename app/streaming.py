@@ -77,6 +77,9 @@ async def relay(
     async for event in events:
         if await _send(response, writer, event):
             return
+    # Resumed past the end: the client already had every event.
+    await response.send(DONE)
+    await response.eof()  # type: ignore[no-untyped-call]
 
 
 async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None) -> bool:

@@ -11,6 +11,7 @@ linked to the old one, which is never rewritten.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from app.db.models import ChatLink, Conversation, Message, Status
-from app.errors import NotFound
+from app.errors import InvalidRequest, NotFound
 from app.schemas import ChatMessage
 
 _STORED_ROLES = {
@@ -33,6 +34,19 @@ TITLE_LENGTH = 80
 
 def new_completion_id() -> str:
     return f"chatcmpl-{secrets.token_urlsafe(18)}"
+
+
+_COMPLETION_ID = re.compile(r"^chatcmpl-[A-Za-z0-9_-]{1,55}$")
+_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CHAT_ID = 200
+
+
+def looks_like_completion_id(value: str) -> bool:
+    return bool(_COMPLETION_ID.match(value))
+
+
+def looks_like_conversation_id(value: str) -> bool:
+    return bool(_CONVERSATION_ID.match(value))
 
 
 def digest(previous: str | None, role: str, content: str) -> str:
@@ -101,13 +115,20 @@ async def _find(
     *, owner: str, conversation_id: str | None, chat_id: str | None, history_hash: str | None
 ) -> Conversation | None:
     if conversation_id is not None:
-        found = await Conversation.get_or_none(id=conversation_id, owner=owner)
+        found = None
+        if looks_like_conversation_id(conversation_id):
+            found = await Conversation.get_or_none(id=conversation_id, owner=owner)
         if found is None:
             raise NotFound(
                 f"No conversation {conversation_id!r} exists.", param="X-Conversation-ID"
             )
         return found
     if chat_id is not None:
+        if len(chat_id) > MAX_CHAT_ID:
+            raise InvalidRequest(
+                f"X-OpenWebUI-Chat-Id is longer than {MAX_CHAT_ID} characters.",
+                param="X-OpenWebUI-Chat-Id",
+            )
         return await conversation_for_chat(owner, chat_id)
     if history_hash is None:
         return None

@@ -10,6 +10,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
+from sanic_ext.extensions.openapi.definitions import Component
 
 from app import keys
 from app.context import Services, services
@@ -18,6 +19,7 @@ from app.errors import Unavailable
 from app.events import Event
 from app.generations import abort_job, end_without_worker, no_worker_error
 from app.logs import request_id_var
+from app.openapi import errors, register, stream_events
 from app.relay import Follower
 from app.request_body import parse_body, read_body
 from app.schemas import (
@@ -25,7 +27,6 @@ from app.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
-    ErrorResponse,
     Usage,
 )
 from app.streaming import StreamTarget, failure, first_event, open_stream, relay
@@ -40,6 +41,8 @@ from app.turns import (
 )
 
 bp = Blueprint("chat")
+register(ChatCompletionRequest, mode="validation")
+register(ChatCompletion)
 
 CONVERSATION_HEADER = "X-Conversation-ID"
 CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
@@ -52,12 +55,16 @@ CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
     "whose messages the request resends, else a new one; the response carries its id in "
     "`X-Conversation-ID`. OpenWebUI background tasks (`### Task:`) are answered, not stored."
 )
-@openapi.body({"application/json": ChatCompletionRequest})
-@openapi.response(200, {"application/json": ChatCompletion}, "The completion")
-@openapi.response(400, {"application/json": ErrorResponse}, "Invalid request")
-@openapi.response(401, {"application/json": ErrorResponse}, "Missing or wrong API key")
-@openapi.response(404, {"application/json": ErrorResponse}, "Unknown model or conversation")
-@openapi.response(503, {"application/json": ErrorResponse}, "A dependency is unavailable")
+@openapi.body({"application/json": Component(ChatCompletionRequest)}, required=True)
+@openapi.response(
+    200,
+    {
+        "application/json": Component(ChatCompletion),
+        "text/event-stream": stream_events(),
+    },
+    "The completion (JSON), or its chunks (SSE) with stream: true",
+)
+@errors(400, 404, 408, 413, 429, 502, 503, 504)
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     svc = services(request)
     await read_body(

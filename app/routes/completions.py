@@ -16,27 +16,31 @@ from app.db.models import FINISHED, Message, Status
 from app.errors import InvalidRequest, NotFound
 from app.events import Event
 from app.generations import abort_job, end_without_worker, logged_events, text_of
+from app.openapi import errors, integer, returns, stream_events
 from app.schemas import (
     AssistantMessage,
     Choice,
     ErrorDetail,
-    ErrorResponse,
     StoredCompletion,
     Timings,
     Usage,
 )
 from app.streaming import StreamTarget, open_stream, relay
+from app.turns import looks_like_completion_id
 
 bp = Blueprint("completions")
 
 CANCEL_WAIT = 10.0
+MAX_SEQ = 2**31 - 1
 
 
 async def _message(request: Request, completion_id: str) -> Message:
     """The caller's completion; another owner's is as absent as a missing one."""
-    message = await Message.get_or_none(
-        completion_id=completion_id, role="assistant", conversation__owner=request.ctx.owner
-    )
+    message = None
+    if looks_like_completion_id(completion_id):
+        message = await Message.get_or_none(
+            completion_id=completion_id, role="assistant", conversation__owner=request.ctx.owner
+        )
     if message is None:
         raise NotFound(f"No chat completion {completion_id!r} exists.", param="completion_id")
     return message
@@ -75,30 +79,45 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
 
 @bp.get("/v1/chat/completions/<completion_id:str>")
 @openapi.summary("Retrieve a stored chat completion and its status")
-@openapi.response(200, {"application/json": StoredCompletion}, "The completion")
-@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+@returns(200, StoredCompletion, "The completion")
+@errors(404)
 async def get_completion(request: Request, completion_id: str) -> HTTPResponse:
     svc = services(request)
     completion = await stored_completion(svc, await _message(request, completion_id))
     return json_response(completion.model_dump(mode="json"))
 
 
+def _flag(request: Request, name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw.lower() not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"{name} must be true or false.", param=name)
+    return raw.lower() in ("true", "1")
+
+
 def _resume_point(request: Request) -> int:
-    raw = request.args.get("starting_after") or request.headers.get("Last-Event-ID") or "0"
-    if not raw.isdigit():
-        raise InvalidRequest(
-            "starting_after / Last-Event-ID must be a non-negative integer.",
-            param="starting_after",
-        )
-    return int(raw)
+    """`?starting_after=N`, else `Last-Event-ID: N`, else 0; each must be a whole number."""
+    given = {
+        "starting_after": request.args.get("starting_after"),
+        "Last-Event-ID": request.headers.get("Last-Event-ID"),
+    }
+    for name, raw in given.items():
+        if raw is not None and not (raw.strip().isdigit() and int(raw) <= MAX_SEQ):
+            raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_SEQ}.", param=name)
+    chosen = given["starting_after"] or given["Last-Event-ID"] or "0"
+    return int(chosen.strip())
 
 
 @bp.get("/v1/chat/completions/<completion_id:str>/stream")
 @openapi.summary(
     "Attach to a generation's SSE stream (resume with Last-Event-ID or starting_after)"
 )
-@openapi.parameter("starting_after", int, "query")
-@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+@openapi.parameter("starting_after", integer(minimum=0, maximum=MAX_SEQ), "query")
+@openapi.parameter("Last-Event-ID", integer(minimum=0, maximum=MAX_SEQ), "header")
+@openapi.parameter("include_usage", bool, "query")
+@openapi.response(200, {"text/event-stream": stream_events()}, "SSE chunks, then [DONE]")
+@errors(400, 404, 503)
 async def stream_completion(request: Request, completion_id: str) -> None:
     svc = services(request)
     after = _resume_point(request)
@@ -108,7 +127,7 @@ async def stream_completion(request: Request, completion_id: str) -> None:
             completion_id=completion_id,
             model=message.model or "",
             created=int(message.created_at.timestamp()),
-            include_usage=request.args.get("include_usage", "").lower() in ("1", "true"),
+            include_usage=_flag(request, "include_usage"),
         )
         headers = {"X-Conversation-ID": str(message.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():
@@ -143,8 +162,8 @@ async def _from_database(message: Message, after: int) -> AsyncGenerator[Event |
 
 @bp.post("/v1/chat/completions/<completion_id:str>/cancel")
 @openapi.summary("Cancel a generation (idempotent); returns the stored completion")
-@openapi.response(200, {"application/json": StoredCompletion}, "The completion")
-@openapi.response(404, {"application/json": ErrorResponse}, "No such completion")
+@returns(200, StoredCompletion, "The completion, as it ended")
+@errors(404, 503)
 async def cancel_completion(request: Request, completion_id: str) -> HTTPResponse:
     svc = services(request)
     message = await _message(request, completion_id)

@@ -13,16 +13,17 @@ from app.context import services
 from app.db.models import FINISHED, Conversation, Message
 from app.errors import InvalidRequest, NotFound
 from app.generations import abort_job
+from app.openapi import errors, integer, returns
 from app.schemas import (
     ConversationDetail,
     ConversationPage,
     ConversationSummary,
     Deleted,
     ErrorDetail,
-    ErrorResponse,
     StoredMessage,
     Usage,
 )
+from app.turns import looks_like_conversation_id
 
 bp = Blueprint("conversations")
 
@@ -37,7 +38,9 @@ def _limit(request: Request) -> int:
 
 
 async def _conversation(request: Request, conversation_id: str) -> Conversation:
-    found = await Conversation.get_or_none(id=conversation_id, owner=request.ctx.owner)
+    found = None
+    if looks_like_conversation_id(conversation_id):
+        found = await Conversation.get_or_none(id=conversation_id, owner=request.ctx.owner)
     if found is None:
         raise NotFound(f"No conversation {conversation_id!r} exists.", param="conversation_id")
     return found
@@ -56,9 +59,10 @@ def _summary(conversation: Conversation, count: int) -> ConversationSummary:
 
 @bp.get("/v1/conversations")
 @openapi.summary("List conversations, most recently updated first")
-@openapi.parameter("limit", int, "query")
+@openapi.parameter("limit", integer(minimum=1, maximum=MAX_LIMIT), "query")
 @openapi.parameter("after", str, "query")
-@openapi.response(200, {"application/json": ConversationPage}, "A page of conversations")
+@returns(200, ConversationPage, "A page of conversations")
+@errors(400, 404)
 async def list_conversations(request: Request) -> HTTPResponse:
     limit = _limit(request)
     query = Conversation.filter(owner=request.ctx.owner)
@@ -107,8 +111,8 @@ def _stored(message: Message) -> StoredMessage:
 
 @bp.get("/v1/conversations/<conversation_id:str>")
 @openapi.summary("A conversation with its messages")
-@openapi.response(200, {"application/json": ConversationDetail}, "The conversation")
-@openapi.response(404, {"application/json": ErrorResponse}, "No such conversation")
+@returns(200, ConversationDetail, "The conversation")
+@errors(404)
 async def get_conversation(request: Request, conversation_id: str) -> HTTPResponse:
     conversation = await _conversation(request, conversation_id)
     messages = await Message.filter(conversation=conversation).order_by("id")
@@ -121,8 +125,8 @@ async def get_conversation(request: Request, conversation_id: str) -> HTTPRespon
 
 @bp.delete("/v1/conversations/<conversation_id:str>")
 @openapi.summary("Delete a conversation, its messages and their replay logs")
-@openapi.response(200, {"application/json": Deleted}, "Deleted")
-@openapi.response(404, {"application/json": ErrorResponse}, "No such conversation")
+@returns(200, Deleted, "Deleted")
+@errors(404, 503)
 async def delete_conversation(request: Request, conversation_id: str) -> HTTPResponse:
     svc = services(request)
     conversation = await _conversation(request, conversation_id)

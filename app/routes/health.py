@@ -12,6 +12,8 @@ from tortoise import connections
 
 from app import keys
 from app.context import services
+from app.openapi import returns
+from app.schemas import HealthReport
 
 bp = Blueprint("health")
 
@@ -36,6 +38,8 @@ async def _workers_alive(request: Request) -> None:
 
 @bp.get("/health")
 @openapi.summary("Liveness and readiness of the database, Redis, the workers and the upstream")
+@returns(200, HealthReport, "Everything HAIA needs is there")
+@returns(503, HealthReport, "The database, Redis or every worker is down")
 async def health(request: Request) -> HTTPResponse:
     svc = services(request)
     database = await _check(connections.get("default").execute_query("SELECT 1"))
