@@ -54,5 +54,6 @@ class ChunkWriter:
         return f'data: {self._head}[],"usage":{usage_json}}}\n\n'.encode()
 
     @staticmethod
-    def error(detail: dict[str, Any], seq: int) -> bytes:
-        return f"id: {seq}\ndata: {json.dumps({'error': detail})}\n\n".encode()
+    def error(detail: dict[str, Any], seq: int | None) -> bytes:
+        event_id = f"id: {seq}\n" if seq is not None else ""
+        return f"{event_id}data: {json.dumps({'error': detail})}\n\n".encode()

@@ -71,13 +71,18 @@ async def relay(
     writer = target.writer()
     if send_role:
         await response.send(writer.role())
-    for event in first or []:
-        if await _send(response, writer, event):
-            return
-    async for event in events:
-        if await _send(response, writer, event):
-            return
-    # Resumed past the end: the client already had every event.
+    try:
+        for event in first or []:
+            if await _send(response, writer, event):
+                return
+        async for event in events:
+            if await _send(response, writer, event):
+                return
+    except HaiaError as exc:
+        # Lost Redis mid-stream: say so and end cleanly; the generation goes on in the
+        # worker, and the client can re-attach once HAIA is back.
+        await response.send(writer.error(exc.body()["error"], None))
+    # Also when resumed past the end: the client already had every event.
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
 

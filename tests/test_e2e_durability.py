@@ -398,7 +398,14 @@ async def test_redis_restart_gives_503_then_recovers(
         body = {"model": "ollama:fake-model", "messages": [{"role": "user", "content": "hi"}]}
         url = f"{stack.base_url}/v1/chat/completions"
         assert (await http.post(url, json=body)).status_code == 200
+        streaming = asyncio.create_task(
+            start_stream(http, stack, "#fake tokens=500 delay=0.02", read=10_000)
+        )
+        await asyncio.sleep(1.0)
         stop_embedded(server)
+        _, cut = await asyncio.wait_for(streaming, 20)  # ends, with an error chunk
+        assert cut[-1].data == "[DONE]"
+        assert json.loads(str(cut[-2].data))["error"]["code"] == "service_unavailable"
         down = await http.post(url, json=body)
         assert down.status_code == 503
         assert set(down.json()["error"]) == {"message", "type", "param", "code"}
