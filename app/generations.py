@@ -23,6 +23,7 @@ from app.db.models import Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
 from app.publish import Publisher
+from app.schemas import Usage
 from app.turns import digest
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,8 @@ class Ending:
     error_detail: dict[str, Any] | None = None
 
     def usage(self) -> dict[str, int] | None:
-        if self.prompt_tokens is None and self.completion_tokens is None:
-            return None
-        prompt, completion = self.prompt_tokens or 0, self.completion_tokens or 0
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+        usage = Usage.of(self.prompt_tokens, self.completion_tokens)
+        return usage.model_dump() if usage else None
 
 
 async def finish(message: Message, publisher: Publisher, ending: Ending) -> None:

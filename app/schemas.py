@@ -106,6 +106,16 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
 
+    @classmethod
+    def of(cls, prompt_tokens: int | None, completion_tokens: int | None) -> Usage | None:
+        """The usage of stored counts, or None when nothing was counted."""
+        if prompt_tokens is None and completion_tokens is None:
+            return None
+        prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"

@@ -31,12 +31,13 @@ async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMes
     if not rows or rows[-1].role != "user":
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     *history, turn = rows
-    return [_to_model_message(row) for row in (*system, *history)], turn.content
+    return [to_model_message(row.role, row.content) for row in (*system, *history)], turn.content
 
 
-def _to_model_message(row: Message) -> ModelMessage:
-    if row.role == "assistant":
-        return ModelResponse(parts=[TextPart(content=row.content)])
-    if row.role == "system":
-        return ModelRequest(parts=[SystemPromptPart(content=row.content)])
-    return ModelRequest(parts=[UserPromptPart(content=row.content)])
+def to_model_message(role: str, text: str) -> ModelMessage:
+    """One stored or client message as pydantic-ai sees it."""
+    if role == "assistant":
+        return ModelResponse(parts=[TextPart(content=text)])
+    if role == "system":
+        return ModelRequest(parts=[SystemPromptPart(content=text)])
+    return ModelRequest(parts=[UserPromptPart(content=text)])

@@ -10,35 +10,15 @@ import asyncio
 import logging
 from typing import Any
 
-from pydantic_ai.messages import (
-    ModelMessage,
-    ModelRequest,
-    ModelResponse,
-    SystemPromptPart,
-    TextPart,
-    UserPromptPart,
-)
-
 from app.config import Settings
 from app.errors import HaiaError
 from app.generations import publisher_for
 from app.llm import translate_model_error
 from app.logs import request_id_var
+from workers.context import to_model_message
 from workers.generate import stream_agent
 
 log = logging.getLogger(__name__)
-
-
-def _history(messages: list[tuple[str, str]]) -> list[ModelMessage]:
-    history: list[ModelMessage] = []
-    for role, text in messages:
-        if role == "assistant":
-            history.append(ModelResponse(parts=[TextPart(content=text)]))
-        elif role == "system":
-            history.append(ModelRequest(parts=[SystemPromptPart(content=text)]))
-        else:
-            history.append(ModelRequest(parts=[UserPromptPart(content=text)]))
-    return history
 
 
 async def run_task(
@@ -64,7 +44,7 @@ async def run_task(
             ctx,
             agent=ctx["task_agent"],
             model_id=model_id,
-            history=_history(messages[:-1]),
+            history=[to_model_message(role, text) for role, text in messages[:-1]],
             prompt=messages[-1][1],
             sampling=sampling or {},
             on_delta=on_delta,

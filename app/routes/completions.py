@@ -51,12 +51,7 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
     text = message.content
     if message.status not in FINISHED:
         text = text_of(await logged_events(svc.redis, str(message.completion_id)))
-    usage = None
-    if message.prompt_tokens is not None or message.completion_tokens is not None:
-        prompt, completion = message.prompt_tokens or 0, message.completion_tokens or 0
-        usage = Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
+    usage = Usage.of(message.prompt_tokens, message.completion_tokens)
     return StoredCompletion(
         id=str(message.completion_id),
         created=int(message.created_at.timestamp()),
@@ -142,20 +137,13 @@ async def _from_database(message: Message, after: int) -> AsyncGenerator[Event |
     """A finished generation whose replay log expired: its stored text as one delta."""
     if after == 0 and message.content:
         yield Event(seq=1, type="delta", text=message.content)
-    usage = None
-    if message.completion_tokens is not None:
-        prompt, completion = message.prompt_tokens or 0, message.completion_tokens or 0
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+    usage = Usage.of(message.prompt_tokens, message.completion_tokens)
     yield Event(
         seq=2,
         type="end",
         status=message.status.value,
         finish_reason=message.finish_reason,
-        usage=usage,
+        usage=usage.model_dump() if usage else None,
         error=message.error,
     )
 

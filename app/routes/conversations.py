@@ -89,12 +89,6 @@ async def list_conversations(request: Request) -> HTTPResponse:
 
 
 def _stored(message: Message) -> StoredMessage:
-    usage = None
-    if message.completion_tokens is not None:
-        prompt, completion = message.prompt_tokens or 0, message.completion_tokens
-        usage = Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
     return StoredMessage(
         id=message.id,
         role=message.role,
@@ -103,7 +97,7 @@ def _stored(message: Message) -> StoredMessage:
         model=message.model,
         completion_id=message.completion_id,
         finish_reason=message.finish_reason,
-        usage=usage,
+        usage=Usage.of(message.prompt_tokens, message.completion_tokens),
         created_at=message.created_at,
         error=ErrorDetail.model_validate(message.error) if message.error else None,
     )
