@@ -67,7 +67,9 @@ class Follower:
             try:
                 item = await asyncio.wait_for(self._queue.get(), self._keepalive)
             except TimeoutError:
-                return None
+                # Silence: also the moment to catch up on anything the live channel missed
+                # (a hub reconnect, an unsubscribe racing a resubscribe).
+                return await self._logged(last) or None
             if isinstance(item, Exception):
                 raise Unavailable("HAIA lost its connection to Redis; try again shortly.")
             event = Event.from_json(item)

@@ -127,3 +127,23 @@ async def test_silence_yields_keepalives(redis: aioredis.Redis, hub: EventHub) -
         assert await anext(events) is None
         assert await anext(events) is None
         await events.aclose()
+
+
+async def test_events_missed_by_the_live_channel_come_from_the_log(
+    redis: aioredis.Redis, hub: EventHub
+) -> None:
+    completion_id = f"chatcmpl-test{uuid.uuid4().hex}"
+    relay = Relay(redis, hub, keepalive=0.05)
+    pub = publisher(redis, completion_id)
+    async with relay.follow(completion_id) as follower:
+        events = follower.events()
+        await pub.emit("start", status="in_progress")
+        assert (await anext(events)).seq == 1  # type: ignore[union-attr]
+        # Logged but never published, as when the channel drops a message.
+        log_key = keys.gen_log(completion_id)
+        pipe = redis.pipeline()
+        pipe.rpush(log_key, Event(seq=2, type="delta", text="x").to_json())
+        pipe.rpush(log_key, Event(seq=3, type="end", status="completed").to_json())
+        await pipe.execute()
+        rest = [e async for e in events if e is not None]
+    assert [(e.seq, e.type) for e in rest] == [(2, "delta"), (3, "end")]
