@@ -47,7 +47,10 @@ def _env(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     """Everything web and worker read from the environment; nothing else reads `os.environ`."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # Only the documented names configure HAIA: each field is read from its alias alone
+    # (no `populate_by_name`), so a stray `PORT` (honcho sets one), `MODEL` or `DATABASE_URL`
+    # in the environment changes nothing.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, frozen=True)
 
     model: str | None = Field(default=None, validation_alias=_env("HAIA_MODEL"))
     models: Annotated[list[str], NoDecode] = Field(default=[], validation_alias=_env("HAIA_MODELS"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,11 +12,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests import services
 from tests.procs import Stack, free_port, spawn, wait_until
 
-REDIS_BASE = os.environ.get("HAIA_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# The machine's Redis and PostgreSQL, or ones this session starts (see tests/services.py).
+SERVICES = services.start()
+REDIS_BASE = SERVICES.redis_base
 REDIS_URL = f"{REDIS_BASE}/9"
-POSTGRES_URL = os.environ.get("HAIA_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = SERVICES.postgres_url
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,30 @@ def test_out_of_range_number_names_its_variable(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(SystemExit) as stopped:
         load_settings()
     assert "HAIA_CONTEXT_MESSAGES" in str(stopped.value.code)
+
+
+def test_only_documented_names_configure_haia(monkeypatch: pytest.MonkeyPatch) -> None:
+    # honcho sets PORT; users' shells hold HOST, MODEL, DATABASE_URL, … for other programs.
+    for name in ("HAIA_PORT", "HAIA_HOST", "HAIA_MODEL", "HAIA_DATABASE_URL", "HAIA_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    stray = {
+        "PORT": "5000",
+        "HOST": "0.0.0.0",
+        "MODEL": "not-a-model",
+        "MODELS": "x",
+        "DATABASE_URL": "postgres://someone@elsewhere/db",
+        "REDIS_URL": "redis://elsewhere:6379/0",
+        "API_KEYS": "k",
+        "LOG_LEVEL": "nonsense",
+    }
+    for name, value in stray.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert (settings.port, settings.host, settings.model, settings.models) == (
+        8000,
+        "127.0.0.1",
+        None,
+        [],
+    )
+    assert settings.database_url == "sqlite://data/haia.sqlite3"
+    assert (settings.redis_url, settings.api_keys, settings.log_level) == (None, [], "INFO")
