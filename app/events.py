@@ -1,16 +1,20 @@
 """Events of one generation, as the worker publishes them and the web relays them.
 
 Each event has a sequence number starting at 1; `start` comes first, `end` last. The same
-JSON is appended to the replay log and published on the generation's channel.
+JSON is appended to the replay log and published on the generation's channel. Sequence numbers
+are assigned by Redis when the event is appended (see `app.publish`), so the JSON a producer
+hands over is the body without `seq`, which Redis prefixes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 EventType = Literal["start", "delta", "end"]
+
+_OPTIONAL = ("status", "finish_reason", "usage", "error", "http_status", "retry_after")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,19 +26,35 @@ class Event:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    http_status: int | None = None
+    """For a failed `end`: the HTTP status a client that has not started reading gets."""
+    retry_after: float | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.type == "end"
 
-    def to_json(self) -> str:
-        if self.type == "delta":  # the hot path: keep it small
-            return json.dumps({"seq": self.seq, "type": "delta", "text": self.text})
-        data = {key: value for key, value in asdict(self).items() if value or key == "seq"}
+    def body(self) -> str:
+        """The JSON without `seq`, starting with `{`: what `app.publish` appends."""
+        if self.type == "delta":  # the hot path: keep it small and cheap
+            return '{"type": "delta", "text": ' + json.dumps(self.text) + "}"
+        data: dict[str, Any] = {"type": self.type}
+        if self.text:
+            data["text"] = self.text
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
         return json.dumps(data)
+
+    def to_json(self) -> str:
+        return '{"seq": ' + str(self.seq) + ", " + self.body()[1:]
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
         data = json.loads(raw)
-        return cls(**data)
+        known = {key: value for key, value in data.items() if key in _FIELDS}
+        return cls(**known)
+
+
+_FIELDS = frozenset(field.name for field in fields(Event))

@@ -1,28 +1,37 @@
-"""A generation's shared lifecycle: its replay log, the in-flight registry, and how it ends.
+"""A generation's lifecycle, in one place: claiming a run, ending it, and finding lost ones.
 
-Used by the worker that runs a generation and by whichever process (web or worker) notices that
-a worker died with generations in flight.
+Who may end a generation is decided by the fence (`app.publish`): exactly one `end` event is
+ever appended, by the run that holds the fence or by a process that ends it on a dead run's
+behalf (the reaper, a cancel while queued, a queue timeout, the sweep). Whoever appended the
+`end` then stores the outcome in the database, retrying while the database is away; the replay
+log holds the outcome meanwhile, and the sweep stores it from there if that process dies too.
+
+`end_run` is the only producer of `end` events for stored generations; `take_fence` the only
+way to become their writer.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
+from tortoise.exceptions import BaseORMException
 
 from app import keys
 from app.config import Settings
-from app.db.models import Conversation, Message, Status
+from app.db.models import ACTIVE, Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
-from app.publish import Publisher
+from app.inflight import Inflight
+from app.publish import Fenced, Publisher, Ttls, append, claim, fence_of
 from app.schemas import Usage
 from app.turns import digest
 
@@ -30,6 +39,19 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 3
 """Runs of one generation arq may start (a worker death before the first token reruns it)."""
+
+STORE_FIRST_WINDOW = 2.0
+"""Seconds an ending retries its database write before announcing the end anyway."""
+STORE_RETRY_WINDOW = 120.0
+"""Seconds an ending keeps retrying its database write before leaving it to the sweep."""
+SWEEP_EVERY = 5.0
+"""Seconds between sweeps for stuck rows (a row is ended on its second sighting)."""
+END_RETRY_WINDOW = 30.0
+"""Seconds an ending keeps retrying its `end` event while Redis is away."""
+
+
+def ttls(settings: Settings) -> Ttls:
+    return Ttls(running=settings.job_timeout + settings.replay_ttl, final=settings.replay_ttl)
 
 
 def interrupted_error() -> HaiaError:
@@ -65,21 +87,12 @@ def text_of(events: list[Event]) -> str:
     return "".join(event.text for event in events if event.type == "delta")
 
 
-def publisher_for(redis: Redis, settings: Settings, completion_id: str) -> Publisher:
-    return Publisher(
-        redis,
-        completion_id,
-        running_ttl=settings.job_timeout + settings.replay_ttl,
-        final_ttl=settings.replay_ttl,
-    )
-
-
 @dataclass
 class Ending:
     """How a generation ended; stored on its message and announced as the `end` event."""
 
     status: Status
-    text: str
+    text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -91,18 +104,156 @@ class Ending:
         usage = Usage.of(self.prompt_tokens, self.completion_tokens)
         return usage.model_dump() if usage else None
 
+    def detail(self) -> dict[str, Any] | None:
+        return self.error.body()["error"] if self.error else self.error_detail
 
-async def finish(message: Message, publisher: Publisher, ending: Ending) -> None:
-    """Store the assistant turn, then announce the end to every attached client."""
-    detail = ending.error.body()["error"] if ending.error else ending.error_detail
-    message.content = ending.text
-    message.status = ending.status
-    message.finish_reason = ending.finish_reason
-    message.prompt_tokens = ending.prompt_tokens
-    message.completion_tokens = ending.completion_tokens
-    message.first_token_at = message.first_token_at or ending.first_token_at
-    message.finished_at = datetime.now(UTC)
-    message.error = detail
+    def event(self) -> Event:
+        return Event(
+            seq=0,
+            type="end",
+            status=self.status.value,
+            finish_reason=self.finish_reason,
+            usage=self.usage(),
+            error=self.detail(),
+            http_status=self.error.status if self.error else None,
+            retry_after=self.error.retry_after if self.error else None,
+        )
+
+    @classmethod
+    def from_log(cls, events: list[Event]) -> Ending:
+        """The outcome an `end` event in a replay log announced."""
+        end = events[-1]
+        usage = end.usage or {}
+        return cls(
+            status=Status(end.status or Status.FAILED),
+            text=text_of(events),
+            finish_reason=end.finish_reason,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            error_detail=end.error,
+        )
+
+
+@dataclass
+class Run:
+    """One holder of a generation's fence: a worker's attempt, or a process ending it."""
+
+    message: Message
+    token: int
+    logged: int
+    """Events already logged when the fence was taken."""
+
+
+async def take_fence(
+    redis: Redis,
+    settings: Settings,
+    message: Message,
+    *,
+    status: Status | None = None,
+    only_if: frozenset[Status] = ACTIVE,
+) -> Run | None:
+    """Become the only writer of `message`'s generation: bump its attempt (the fencing token)
+    in the row, compare-and-set, then take the fence in Redis. Whoever held it before is fenced
+    out of both. None when the generation has ended, or someone else got there first.
+
+    A worker's run passes `status=IN_PROGRESS`; a process ending it on a dead or absent run's
+    behalf leaves the status to the ending.
+    """
+    token = message.attempt + 1
+    changes: dict[str, Any] = {"attempt": token}
+    if status is not None:
+        changes.update(status=status, started_at=datetime.now(UTC))
+    claimed = await Message.filter(
+        id=message.id, attempt=message.attempt, status__in=list(only_if)
+    ).update(**changes)
+    if not claimed:
+        return None
+    try:
+        logged = await claim(redis, str(message.completion_id), token, ttls(settings))
+    except Fenced:
+        return None
+    message.attempt = token
+    if status is not None:
+        message.status = status
+    return Run(message=message, token=token, logged=logged)
+
+
+async def end_run(publisher: Publisher, message: Message, ending: Ending) -> bool:
+    """The one way a stored generation ends: store `ending` on the row, then announce it.
+
+    Both steps are fenced by the run's token, so a run that lost its claim changes nothing and
+    there is only ever one `end`. Stored first, so a client that reads the conversation right
+    after `[DONE]` finds the answer there. If the database is away, the end is announced anyway
+    (attached clients must not hang; the replay log holds the outcome) and the write is retried;
+    past `STORE_RETRY_WINDOW` the sweep stores it from the log. Returns False when fenced out.
+    """
+    stored = await store_ending(message, ending, token=publisher.token, within=STORE_FIRST_WINDOW)
+    if stored is False:
+        log.warning("%s was ended elsewhere; this run stops", publisher.completion_id)
+        publisher.fenced = True
+        return False
+    await _announce(publisher, ending)
+    if stored is None:
+        await store_ending(message, ending, token=publisher.token, within=STORE_RETRY_WINDOW)
+    return True
+
+
+async def _announce(publisher: Publisher, ending: Ending) -> None:
+    deadline = time.monotonic() + END_RETRY_WINDOW
+    delay = 0.1
+    while True:
+        try:
+            await publisher.end(ending.event())
+            return
+        except Fenced:
+            log.error("the end of %s was refused by its fence", publisher.completion_id)
+            return
+        except Exception as exc:  # noqa: BLE001 - Redis away: retry for a while
+            if time.monotonic() > deadline:
+                log.error(
+                    "could not announce the end of %s (%s)",
+                    publisher.completion_id,
+                    type(exc).__name__,
+                )
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def store_ending(
+    message: Message, ending: Ending, *, token: int | None, within: float
+) -> bool | None:
+    """Write the outcome to the row while it is active (and, given a token, still held by
+    it), retrying for `within` seconds while the database is away.
+
+    True when stored, False when the row refused (ended, or taken by a newer run), None when
+    the database stayed away.
+    """
+    deadline = time.monotonic() + within
+    delay = 0.1
+    while True:
+        try:
+            return await _store(message, ending, token)
+        except (BaseORMException, OSError, ConnectionError) as exc:
+            if time.monotonic() > deadline:
+                log.error(
+                    "could not store the end of %s yet (%s)",
+                    message.completion_id,
+                    type(exc).__name__,
+                )
+                return None
+            log.warning(
+                "storing the end of %s failed (%s); retrying",
+                message.completion_id,
+                type(exc).__name__,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _store(message: Message, ending: Ending, token: int | None) -> bool:
+    finished_at = datetime.now(UTC)
+    prefix_hash = None
     if ending.text:
         previous = (
             await Message.filter(
@@ -113,126 +264,104 @@ async def finish(message: Message, publisher: Publisher, ending: Ending) -> None
             .order_by("-id")
             .first()
         )
-        message.prefix_hash = digest(
-            previous.prefix_hash if previous else None, "assistant", ending.text
-        )
-    await message.save()
-    await Conversation.filter(id=message.conversation_id).update(  # type: ignore[attr-defined]
-        updated_at=message.finished_at
-    )
-    extra: dict[str, Any] = {}
-    if ending.error is not None:
-        extra["http_status"] = ending.error.status
-        if ending.error.retry_after is not None:
-            extra["retry_after"] = ending.error.retry_after
-    await publisher.emit(
-        "end",
-        status=ending.status.value,
+        prefix_hash = digest(previous.prefix_hash if previous else None, "assistant", ending.text)
+    row = Message.filter(id=message.id, status__in=list(ACTIVE))
+    if token is not None:
+        row = row.filter(attempt=token)
+    stored = await row.update(
+        content=ending.text,
+        status=ending.status,
         finish_reason=ending.finish_reason,
-        usage=ending.usage(),
-        error=detail,
-        extra=extra,
+        prompt_tokens=ending.prompt_tokens,
+        completion_tokens=ending.completion_tokens,
+        first_token_at=message.first_token_at or ending.first_token_at,
+        finished_at=finished_at,
+        error=ending.detail(),
+        prefix_hash=prefix_hash,
     )
+    if not stored:
+        return False
+    await Conversation.filter(id=message.conversation_id).update(  # type: ignore[attr-defined]
+        updated_at=finished_at
+    )
+    return True
 
 
-async def end_without_worker(
+async def end_as(
     redis: Redis,
     settings: Settings,
     completion_id: str,
     *,
     status: Status,
-    only_if: tuple[Status, ...] = (Status.QUEUED, Status.IN_PROGRESS),
+    seen_attempt: int | None = None,
+    only_if: frozenset[Status] = ACTIVE,
     error: HaiaError | None = None,
 ) -> bool:
-    """End a generation no worker is running (cancelled while queued, or orphaned).
+    """End a generation no live run will end (cancelled while queued, orphaned, stuck), keeping
+    whatever text its log holds.
 
-    Claims it in the database first (only while its status is one of `only_if`), then keeps
-    whatever text the log holds. Returns False when someone else ended or runs it.
+    Takes the fence first (so a run that is in fact alive can add nothing more); with
+    `seen_attempt`, only if no newer run started since. False when it was not ended here.
     """
-    claimed = await Message.filter(completion_id=completion_id, status__in=only_if).update(
-        status=status
-    )
     message = await Message.get_or_none(completion_id=completion_id)
-    if not claimed or message is None:
+    if message is None:
+        return await _end_unstored(redis, settings, completion_id, status, error)
+    if seen_attempt is not None and message.attempt != seen_attempt:
         return False
+    run = await take_fence(redis, settings, message, only_if=only_if)
+    if run is None:
+        return False
+    # Fenced: the log cannot grow any more, its deltas are the text.
     events = await logged_events(redis, completion_id)
-    publisher = publisher_for(redis, settings, completion_id)
-    publisher.seq = events[-1].seq if events else 0
-    has_text = any(e.type == "delta" for e in events)
-    await finish(
-        message,
-        publisher,
-        Ending(
-            status=status,
-            text=text_of(events),
-            finish_reason="stop" if status == Status.CANCELLED else None,
-            error=error or (interrupted_error() if status == Status.INTERRUPTED else None),
-            error_detail=cancelled_detail() if status == Status.CANCELLED else None,
-            first_token_at=message.started_at if has_text else None,
-        ),
+    ending = _ending_for(status, error)
+    ending.text = text_of(events)
+    if ending.text:
+        ending.first_token_at = message.started_at
+    publisher = Publisher(redis, completion_id, run.token, ttls(settings))
+    ended = await end_run(publisher, message, ending)
+    await Inflight(redis).remove(completion_id)
+    return ended
+
+
+def _ending_for(status: Status, error: HaiaError | None) -> Ending:
+    return Ending(
+        status=status,
+        finish_reason="stop" if status == Status.CANCELLED else None,
+        error=error or (interrupted_error() if status == Status.INTERRUPTED else None),
+        error_detail=cancelled_detail() if status == Status.CANCELLED else None,
     )
+
+
+async def _end_unstored(
+    redis: Redis, settings: Settings, completion_id: str, status: Status, error: HaiaError | None
+) -> bool:
+    """A background task (nothing stored): only the fence in Redis decides."""
+    token = await fence_of(redis, completion_id)
+    if token == "end":
+        return False
+    try:
+        await append(
+            redis, completion_id, token or 0, ttls(settings), [_ending_for(status, error).event()]
+        )
+    except Fenced:
+        return False
     return True
 
 
-async def claim_for_worker(completion_id: str) -> bool:
-    """Mark a queued (or handed-back) generation as running; False if it already ended."""
-    claimed = await Message.filter(
-        completion_id=completion_id, status__in=[Status.QUEUED, Status.IN_PROGRESS]
-    ).update(status=Status.IN_PROGRESS, started_at=datetime.now(UTC))
-    return bool(claimed)
-
-
-class Inflight:
-    """The `haia:inflight` hash: one JSON entry per running generation, for redis-cli users
-    and for noticing generations whose worker died."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def add(self, message: Message, *, worker_id: str) -> None:
-        entry = {
-            "conversation": message.conversation_id,  # type: ignore[attr-defined]
-            "model": message.model,
-            "status": Status.IN_PROGRESS.value,
-            "tokens": 0,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "worker": worker_id,
-            "request_id": message.request_id,
-        }
-        await self._set(str(message.completion_id), entry)
-
-    async def progress(self, completion_id: str, entry: dict[str, Any], tokens: int) -> None:
-        await self._set(completion_id, {**entry, "tokens": tokens})
-
-    async def _set(self, completion_id: str, entry: dict[str, Any]) -> None:
-        await cast(
-            Awaitable[int], self._redis.hset(keys.INFLIGHT, completion_id, json.dumps(entry))
-        )
-
-    async def get(self, completion_id: str) -> dict[str, Any] | None:
-        raw = await cast(Awaitable[bytes | None], self._redis.hget(keys.INFLIGHT, completion_id))
-        return json.loads(raw) if raw else None
-
-    async def remove(self, completion_id: str) -> bool:
-        return bool(await cast(Awaitable[int], self._redis.hdel(keys.INFLIGHT, completion_id)))
-
-    async def entries(self) -> dict[str, dict[str, Any]]:
-        raw = await cast(Awaitable[dict[bytes, bytes]], self._redis.hgetall(keys.INFLIGHT))
-        return {key.decode(): json.loads(value) for key, value in raw.items()}
-
-
 async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> list[str]:
-    """Handle generations whose worker stopped sending heartbeats.
+    """Handle generations whose worker's heartbeat expired.
 
     One that had sent no text yet is run again at once by another worker (arq's in-progress
-    marker is dropped); one that had is ended as `interrupted`, keeping its partial text.
-    Safe to run from many processes: removing the in-flight entry is the claim.
+    marker is dropped; the new run's claim fences the old one out); one that had is ended as
+    `interrupted`, keeping its partial text. Safe to run from many processes: removing the
+    in-flight entry is the claim, and the fence decides who ends.
     """
     inflight = Inflight(redis)
     handled = []
     for completion_id, entry in (await inflight.entries()).items():
-        if await redis.exists(keys.worker_heartbeat(str(entry.get("worker")))):
-            continue
+        worker = entry.get("worker")
+        if not worker or await redis.exists(keys.worker_heartbeat(str(worker))):
+            continue  # waiting in the queue, or its worker is alive
         if not await inflight.remove(completion_id):
             continue  # another process claimed it
         handled.append(completion_id)
@@ -240,7 +369,13 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
         tries = int(await redis.get(keys.arq_retry(completion_id)) or 0)
         if any(e.type == "delta" for e in events) or tries >= max_tries:
             log.warning("generation %s lost its worker; ending it as interrupted", completion_id)
-            await end_without_worker(redis, settings, completion_id, status=Status.INTERRUPTED)
+            await end_as(
+                redis,
+                settings,
+                completion_id,
+                status=Status.INTERRUPTED,
+                seen_attempt=entry.get("attempt"),
+            )
             await redis.zrem(keys.QUEUE, completion_id)
             await redis.delete(*keys.arq_job_keys(completion_id))
         else:
@@ -250,6 +385,80 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
             await redis.delete(keys.arq_in_progress(completion_id))
             await redis.publish(keys.WAKE_CHANNEL, completion_id)
     return handled
+
+
+class Sweeper:
+    """Finds stored generations left `queued`/`in_progress` with no live job, and ends them.
+
+    What leaves one behind: a web process that died between storing the turn and enqueueing
+    it, a job arq gave up on (timeout, undecodable), a reaper that died between its claim and
+    the end, an end whose database write outlasted its retries. A row is ended only when two
+    sweeps in a row saw it stuck, so a job that is just starting is never taken for lost.
+    Safe in many processes: the fence lets one of them end it.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._suspects: set[str] = set()
+
+    async def sweep(self, *, limit: int = 200) -> list[str]:
+        grace = timedelta(seconds=max(self._settings.worker_dead_after * 2, 10))
+        rows = (
+            await Message.filter(status__in=list(ACTIVE), created_at__lt=datetime.now(UTC) - grace)
+            .order_by("id")
+            .limit(limit)
+        )
+        stuck: set[str] = set()
+        ended = []
+        for row in rows:
+            completion_id = str(row.completion_id)
+            if await self._store_logged_end(row):
+                ended.append(completion_id)
+            elif not await self._alive(completion_id):
+                stuck.add(completion_id)
+        for completion_id in stuck & self._suspects:
+            if await self._end_stuck(completion_id):
+                ended.append(completion_id)
+        self._suspects = stuck - set(ended)
+        return ended
+
+    async def _store_logged_end(self, row: Message) -> bool:
+        """The log says it ended, the row does not: store what the log says."""
+        events = await logged_events(self._redis, str(row.completion_id))
+        if not events or not events[-1].is_terminal:
+            return False
+        log.warning("generation %s ended but was not stored; storing it", row.completion_id)
+        await store_ending(row, Ending.from_log(events), token=None, within=0)
+        await Inflight(self._redis).remove(str(row.completion_id))
+        return True
+
+    async def _alive(self, completion_id: str) -> bool:
+        entry = await Inflight(self._redis).get(completion_id)
+        if entry and entry.get("worker"):
+            return True  # running: the reaper watches its worker
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zscore(keys.QUEUE, completion_id)
+        pipe.exists(keys.arq_in_progress(completion_id))
+        score, running = await pipe.execute()
+        # Waiting in the queue (the web's queue timeout bounds that), or being started.
+        return score is not None and (not running or bool(entry))
+
+    async def _end_stuck(self, completion_id: str) -> bool:
+        events = await logged_events(self._redis, completion_id)
+        started = any(e.type == "start" for e in events)
+        log.warning("generation %s has no live job; ending it", completion_id)
+        ended = await end_as(
+            self._redis,
+            self._settings,
+            completion_id,
+            status=Status.INTERRUPTED if started else Status.FAILED,
+            error=None if started else no_worker_error(self._settings),
+        )
+        if ended:
+            await self._redis.zrem(keys.QUEUE, completion_id)
+            await self._redis.delete(*keys.arq_job_keys(completion_id))
+        return ended
 
 
 async def abort_job(redis: Redis, completion_id: str) -> None:

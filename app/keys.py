@@ -48,3 +48,8 @@ def arq_in_progress(job_id: str) -> str:
 
 def arq_retry(job_id: str) -> str:
     return retry_key_prefix + job_id
+
+
+def gen_fence(completion_id: str) -> str:
+    """Which run may write the generation's events: its attempt number, or `end` once ended."""
+    return f"{PREFIX}gen:{completion_id}:fence"

@@ -1,43 +1,307 @@
-"""Publishing a generation's events: appended to the replay log, then published live."""
+"""Publishing a generation's events under a fence: one writer, one `end`, numbered by Redis.
+
+Every run of a generation holds a fencing token (its attempt number, also stored in the
+database row). Redis keeps the current holder in `haia:gen:{id}:fence`; appending to the replay
+log and publishing on the live channel happen in one Lua script that first checks the fence,
+so a run that lost its claim (taken for dead, then superseded) can never add a word, and once
+an `end` is appended the fence reads `end` and nothing follows it. Sequence numbers are
+assigned inside the script from the log's length, so they are gap-free whoever writes.
+
+Deltas are coalesced: whatever a worker's generations produce within one event-loop tick goes
+to Redis in one pipelined round trip (one script call per generation), so the per-token cost
+falls as load rises instead of the number of round trips growing with it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from app import keys
-from app.events import Event, EventType
+from app.events import Event
+
+log = logging.getLogger(__name__)
+
+ENDED = "end"
+
+_CLAIM = """
+local fence = redis.call('GET', KEYS[1])
+if fence == 'end' then return -1 end
+if fence and tonumber(fence) and tonumber(fence) >= tonumber(ARGV[1]) then return -2 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return redis.call('LLEN', KEYS[2])
+"""
+
+# KEYS: fence, log, channel. ARGV: token, running ttl, final ttl, terminal (0/1), bodies…
+# A missing fence is accepted (and taken): Redis lost its data, or nobody ever claimed.
+_EMIT = """
+local fence = redis.call('GET', KEYS[1])
+if fence == 'end' then return -1 end
+if fence and fence ~= ARGV[1] then return -2 end
+local n = redis.call('LLEN', KEYS[2])
+local first = n
+for i = 5, #ARGV do
+  n = n + 1
+  local data = '{"seq": ' .. n .. ', ' .. string.sub(ARGV[i], 2)
+  redis.call('RPUSH', KEYS[2], data)
+  redis.call('PUBLISH', KEYS[3], data)
+end
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[1], 'end', 'EX', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+else
+  if not fence then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+  if first == 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+end
+return n
+"""
+
+REFUSED_ENDED = -1
+REFUSED_SUPERSEDED = -2
 
 
+class Fenced(Exception):
+    """This run no longer holds the generation: another run or an `end` took it."""
+
+
+@dataclass(frozen=True)
+class Ttls:
+    running: int
+    final: int
+
+
+class Scripts:
+    """The two scripts, registered once per Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.claim: AsyncScript = redis.register_script(_CLAIM)
+        self.emit: AsyncScript = redis.register_script(_EMIT)
+
+
+_SCRIPTS: dict[int, Scripts] = {}
+
+
+def scripts(redis: Redis) -> Scripts:
+    found = _SCRIPTS.get(id(redis))
+    if found is None or found.redis is not redis:
+        found = _SCRIPTS[id(redis)] = Scripts(redis)
+    return found
+
+
+def _keys(completion_id: str) -> list[str]:
+    return [
+        keys.gen_fence(completion_id),
+        keys.gen_log(completion_id),
+        keys.gen_channel(completion_id),
+    ]
+
+
+async def claim(redis: Redis, completion_id: str, token: int, ttls: Ttls) -> int:
+    """Take the fence for run `token`; returns how many events are already logged.
+
+    Raises `Fenced` when the generation has ended or a later run holds it.
+    """
+    result = int(
+        await scripts(redis).claim(
+            keys=_keys(completion_id)[:2], args=[token, ttls.running], client=redis
+        )
+    )
+    if result < 0:
+        raise Fenced(completion_id)
+    return result
+
+
+async def append(
+    redis: Redis, completion_id: str, token: int | str, ttls: Ttls, events: list[Event]
+) -> int:
+    """Append `events` (the last may be `end`) if run `token` holds the fence.
+
+    Returns the last sequence number; raises `Fenced` when refused.
+    """
+    terminal = "1" if events and events[-1].is_terminal else "0"
+    result = int(
+        await scripts(redis).emit(
+            keys=_keys(completion_id),
+            args=[token, ttls.running, ttls.final, terminal, *(e.body() for e in events)],
+            client=redis,
+        )
+    )
+    if result < 0:
+        raise Fenced(completion_id)
+    return result
+
+
+async def fence_of(redis: Redis, completion_id: str) -> str | None:
+    raw = await cast(Awaitable[bytes | None], redis.get(keys.gen_fence(completion_id)))
+    return raw.decode() if raw is not None else None
+
+
+@dataclass(eq=False)
 class Publisher:
-    """Numbers events and sends each to the replay log and the live channel in one round trip."""
+    """One run's events for one generation. `delta()` is buffered; `start()`/`end()` flush.
 
-    def __init__(
-        self, redis: Redis, completion_id: str, *, running_ttl: int, final_ttl: int
-    ) -> None:
+    Deltas wait in `pending` until the process's `Batcher` sends them (same tick, one round
+    trip for all generations); if Redis is away they stay pending and go out, in order, when it
+    is back. `fenced` turns true when Redis refused this run: it must stop.
+    """
+
+    redis: Redis
+    completion_id: str
+    token: int
+    ttls: Ttls
+    batcher: Batcher | None = None
+    pending: list[Event] = field(default_factory=list)
+    fenced: bool = False
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def start(self) -> None:
+        await self._send([Event(seq=0, type="start", status="in_progress")])
+
+    def delta(self, text: str) -> None:
+        self.pending.append(Event(seq=0, type="delta", text=text))
+        if self.batcher is not None:
+            self.batcher.wake(self)
+
+    async def flush(self) -> None:
+        await self._send([])
+
+    async def end(self, event: Event) -> None:
+        """Append whatever is pending and then `event`; raises `Fenced` if refused."""
+        await self._send([event])
+
+    async def _send(self, extra: list[Event]) -> None:
+        async with self._lock:
+            if self.fenced:
+                raise Fenced(self.completion_id)
+            batch, self.pending = [*self.pending, *extra], []
+            if not batch:
+                return
+            try:
+                await append(self.redis, self.completion_id, self.token, self.ttls, batch)
+            except Fenced:
+                self.fenced = True
+                raise
+            except BaseException:
+                # Not sent (Redis away, or cancelled mid-call): keep the deltas, in order; the
+                # caller retries its own start or end.
+                self.pending[:0] = batch[: len(batch) - len(extra)]
+                raise
+
+
+class Batcher:
+    """Sends every publisher's pending deltas, once per event-loop tick, in one pipeline."""
+
+    def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._channel = keys.gen_channel(completion_id)
-        self._log = keys.gen_log(completion_id)
-        self._running_ttl = running_ttl
-        self._final_ttl = final_ttl
-        self.seq = 0
+        self._dirty: dict[int, Publisher] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._side: set[asyncio.Task[Any]] = set()
 
-    async def resume_numbering(self) -> None:
-        """Continue after what an earlier attempt of this job already logged."""
-        self.seq = int(await cast(Awaitable[int], self._redis.llen(self._log)))
+    def later(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` (bookkeeping that must not hold up a stream) in the background."""
+        task = asyncio.create_task(work)
+        self._side.add(task)
+        task.add_done_callback(self._done)
 
-    async def emit(self, type_: EventType, **fields: Any) -> Event:
-        self.seq += 1
-        event = Event(seq=self.seq, type=type_, **fields)
-        data = event.to_json()
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._side.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background bookkeeping failed (%s)", type(task.exception()).__name__)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="haia-publish-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def wake(self, publisher: Publisher) -> None:
+        self._dirty[id(publisher)] = publisher
+        self._wake.set()
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = list(self._dirty.values()), {}
+            try:
+                await self._flush(dirty)
+                delay = 0.05
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep the deltas, retry
+                log.warning("publishing deltas failed (%s); retrying", type(exc).__name__)
+                for publisher in dirty:
+                    if publisher.pending and not publisher.fenced:
+                        self._dirty[id(publisher)] = publisher
+                self._wake.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _flush(self, dirty: list[Publisher]) -> None:
+        ready: list[Publisher] = []
+        for publisher in dirty:
+            if not publisher.pending or publisher.fenced:
+                continue
+            if publisher._lock.locked():
+                self._dirty[id(publisher)] = publisher  # its start/end is sending: next turn
+                self._wake.set()
+                continue
+            await publisher._lock.acquire()  # free: returns at once, no other task runs
+            ready.append(publisher)
+        if not ready:
+            return
+        try:
+            await self._send(ready)
+        finally:
+            for publisher in ready:
+                publisher._lock.release()
+
+    async def _send(self, ready: list[Publisher]) -> None:
+        batches = [publisher.pending for publisher in ready]
+        for publisher in ready:
+            publisher.pending = []
+        # EVALSHA straight into the pipeline: a Script object would ask SCRIPT EXISTS first
+        # on every execute, doubling the round trips.
+        sha = scripts(self._redis).emit.sha
         pipe = self._redis.pipeline(transaction=False)
-        pipe.rpush(self._log, data)
-        if event.is_terminal:
-            pipe.expire(self._log, self._final_ttl)
-        elif self.seq == 1:
-            pipe.expire(self._log, self._running_ttl)
-        pipe.publish(self._channel, data)
-        await pipe.execute()
-        return event
+        for publisher, batch in zip(ready, batches, strict=True):
+            ttls = publisher.ttls
+            pipe.evalsha(
+                sha,
+                3,
+                *_keys(publisher.completion_id),
+                str(publisher.token),
+                str(ttls.running),
+                str(ttls.final),
+                "0",
+                *(e.body() for e in batch),
+            )
+        try:
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            for publisher, batch in zip(ready, batches, strict=True):
+                publisher.pending[:0] = batch
+            raise
+        failed = False
+        if any(isinstance(result, NoScriptError) for result in results):
+            await self._redis.script_load(_EMIT)  # Redis restarted: scripts are gone
+        for publisher, batch, result in zip(ready, batches, results, strict=True):
+            if isinstance(result, Exception):
+                publisher.pending[:0] = batch
+                failed = True
+            elif int(result) < 0:
+                publisher.fenced = True
+        if failed:
+            raise ConnectionError("some deltas were not published")

@@ -21,13 +21,13 @@ from sanic.response import json as json_response
 from sanic_ext import Extend
 from tortoise.exceptions import DBConnectionError, OperationalError
 
-from app import keys
+from app import jobs, keys
 from app.catalog import Catalog
 from app.config import Settings
 from app.context import Services
 from app.db import close_database, open_database
 from app.errors import HaiaError, Unauthorized, Unavailable, error_body
-from app.generations import MAX_TRIES, reap_orphans
+from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
 from app.relay import Relay
@@ -62,7 +62,12 @@ _STORE_DOWN = (
 def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
     async def open_resources(app: App) -> None:
         await open_database(settings.database_url)
-        redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=keys.QUEUE)
+        redis = await create_pool(
+            RedisSettings.from_dsn(redis_url),
+            default_queue_name=keys.QUEUE,
+            job_serializer=jobs.serialize,
+            job_deserializer=jobs.deserialize,
+        )
         hub = EventHub(redis)
         await hub.start()
         http = httpx.AsyncClient()
@@ -76,12 +81,19 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
         )
 
     async def reap(app: App) -> None:
-        """Notice generations whose worker died, even when no worker is left to do it."""
+        """Notice generations whose worker died, and rows no job will end, even when no
+        worker is left to do it."""
         svc: Services = app.ctx.services
+        sweeper = Sweeper(svc.redis, settings)
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + SWEEP_EVERY
         while True:
             await asyncio.sleep(settings.worker_dead_after / 4)
             try:
                 await reap_orphans(svc.redis, settings, max_tries=MAX_TRIES)
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + SWEEP_EVERY
+                    await sweeper.sweep()
             except Exception as exc:  # noqa: BLE001 - Redis or the database away: next round
                 log.warning("orphan check failed (%s)", type(exc).__name__)
 

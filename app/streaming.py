@@ -35,11 +35,10 @@ class StreamTarget:
 
 def failure(event: Event) -> HaiaError:
     """The error a failed `end` event carries, with the HTTP status the worker chose."""
-    retry_after = event.extra.get("retry_after")
     return RelayedError(
         event.error or {"message": "The generation failed.", "type": "api_error"},
-        status=int(event.extra.get("http_status", 500)),
-        retry_after=float(retry_after) if retry_after is not None else None,
+        status=event.http_status or 500,
+        retry_after=event.retry_after,
     )
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from app import keys
-from app.events import Event
+from app.events import Event, EventType
 from app.hub import EventHub
-from app.publish import Publisher
+from app.publish import Ttls, append
 from app.relay import Relay
 from tests.conftest import REDIS_URL
 
@@ -33,8 +34,20 @@ async def hub(redis: aioredis.Redis) -> AsyncIterator[EventHub]:
     await event_hub.stop()
 
 
-def publisher(redis: aioredis.Redis, completion_id: str) -> Publisher:
-    return Publisher(redis, completion_id, running_ttl=60, final_ttl=60)
+class Emitter:
+    """Appends events one at a time, as run 1 of the generation."""
+
+    def __init__(self, redis: aioredis.Redis, completion_id: str) -> None:
+        self._redis = redis
+        self._completion_id = completion_id
+
+    async def emit(self, type_: EventType, **fields: Any) -> int:
+        event = Event(seq=0, type=type_, **fields)
+        return await append(self._redis, self._completion_id, 1, Ttls(60, 60), [event])
+
+
+def publisher(redis: aioredis.Redis, completion_id: str) -> Emitter:
+    return Emitter(redis, completion_id)
 
 
 async def collect(relay: Relay, completion_id: str, after: int = 0) -> list[Event]:

@@ -13,11 +13,14 @@ from pydantic_ai.messages import (
 from tortoise.expressions import Q
 
 from app.db.models import Message, Status
+from app.prompts import HOMELAB_ASSISTANT_PROMPT
 
 
-async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMessage], str]:
+async def load_context(
+    assistant: Message, *, limit: int
+) -> tuple[list[ModelMessage], ModelRequest]:
     """The conversation's system messages, the last `limit` other messages before the new user
-    turn, and that turn's text.
+    turn, and that turn as a request carrying HAIA's instructions.
 
     Failed or empty assistant turns are left out: the model should not see them.
     """
@@ -31,7 +34,10 @@ async def load_context(assistant: Message, *, limit: int) -> tuple[list[ModelMes
     if not rows or rows[-1].role != "user":
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     *history, turn = rows
-    return [to_model_message(row.role, row.content) for row in (*system, *history)], turn.content
+    context = [to_model_message(row.role, row.content) for row in (*system, *history)]
+    return context, ModelRequest(
+        parts=[UserPromptPart(content=turn.content)], instructions=HOMELAB_ASSISTANT_PROMPT
+    )
 
 
 def to_model_message(role: str, text: str) -> ModelMessage:

@@ -1,42 +1,53 @@
-"""The arq job: run the agent for one assistant turn, publish every delta, store the result."""
+"""The arq job: one model request for one assistant turn, every delta published, the end stored.
+
+A gateway makes one model request per turn and runs no agent loop, so the model is called
+through pydantic-ai's direct streaming API (below `Agent`): the per-token path is the
+provider's SSE parsing, one list append and one buffered publish.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai import Agent
+from pydantic_ai.direct import model_request_stream
 from pydantic_ai.exceptions import (
     ModelConnectionError,
     ModelRateLimitError,
     ModelTimeoutError,
     ModelUnavailableError,
 )
-from pydantic_ai.messages import ModelMessage
+from pydantic_ai.messages import (
+    ModelMessage,
+    PartDeltaEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
+)
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
-from redis.asyncio import Redis
 
 from app import keys
-from app.config import Settings
 from app.db.models import FINISHED, Message, Status
-from app.errors import HaiaError
+from app.errors import HaiaError, UpstreamTimeout
 from app.generations import (
     Ending,
-    Inflight,
-    claim_for_worker,
-    end_without_worker,
-    finish,
+    end_as,
+    end_run,
     logged_events,
-    publisher_for,
+    take_fence,
+    ttls,
 )
+from app.inflight import Inflight
 from app.llm import build_model, translate_model_error
 from app.logs import request_id_var
-from app.publish import Publisher
+from app.publish import Fenced, Publisher, fence_of
 from workers.context import load_context
+from workers.state import WorkerState, state
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +56,10 @@ PROGRESS_EVERY = 16
 """Deltas between updates of the token count in `haia:inflight`."""
 
 
-def _model(ctx: dict[str, Any], model_id: str) -> Model:
-    cache: dict[str, Model] = ctx["models"]
-    if model_id not in cache:
-        cache[model_id] = build_model(model_id, ctx["settings"])
-    return cache[model_id]
+def model_for(st: WorkerState, model_id: str) -> Model:
+    if model_id not in st.models:
+        st.models[model_id] = build_model(model_id, st.settings)
+    return st.models[model_id]
 
 
 async def generate(
@@ -60,139 +70,163 @@ async def generate(
     request_id: str | None = None,
 ) -> str:
     """Generate the assistant turn stored under `completion_id`; return its final status."""
-    settings: Settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
+    st = state(ctx)
     request_id_var.set(request_id or "-")
     message = await Message.get_or_none(completion_id=completion_id)
     if message is None or message.status in FINISHED:
         return "skipped"
-    if await redis.exists(keys.gen_cancel(completion_id)):
-        await end_without_worker(redis, settings, completion_id, status=Status.CANCELLED)
+    if await fence_of(st.redis, completion_id) == "end":
+        return "skipped"  # ended elsewhere (cancelled while queued, timed out in the queue)
+    if await st.redis.exists(keys.gen_cancel(completion_id)):
+        await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
         return Status.CANCELLED.value
-    if any(event.type == "delta" for event in await logged_events(redis, completion_id)):
-        # An earlier attempt streamed text before its worker stopped: restarting would repeat
-        # it to attached clients, so the generation ends here with what was said.
-        await end_without_worker(redis, settings, completion_id, status=Status.INTERRUPTED)
+    if any(event.type == "delta" for event in await logged_events(st.redis, completion_id)):
+        # An earlier run streamed text before its worker stopped: restarting would repeat it
+        # to attached clients, so the generation ends here with what was said.
+        await end_as(st.redis, st.settings, completion_id, status=Status.INTERRUPTED)
         return Status.INTERRUPTED.value
-    return await _generate(ctx, message, sampling or {})
-
-
-async def _generate(ctx: dict[str, Any], message: Message, sampling: dict[str, Any]) -> str:
-    settings: Settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
-    completion_id = str(message.completion_id)
-    publisher = publisher_for(redis, settings, completion_id)
-    await publisher.resume_numbering()
-    if not await claim_for_worker(completion_id):
+    run = await take_fence(st.redis, st.settings, message, status=Status.IN_PROGRESS)
+    if run is None:
         return "skipped"
-    await message.refresh_from_db()
-    inflight = Inflight(redis)
-    await inflight.add(message, worker_id=ctx["worker_id"])
-    await publisher.emit("start", status=Status.IN_PROGRESS.value)
-    log.info("generation %s started on %s", completion_id, message.model)
+    publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
+    return await _generate(st, message, publisher, sampling or {})
 
-    ending = Ending(status=Status.COMPLETED, text="")
-    parts: list[str] = []
+
+@dataclass
+class _Progress:
+    """What a run has produced so far."""
+
+    parts: list[str]
+    first_token_at: datetime | None = None
+
+
+async def _generate(
+    st: WorkerState, message: Message, publisher: Publisher, sampling: dict[str, Any]
+) -> str:
+    completion_id = str(message.completion_id)
+    inflight = Inflight(st.redis)
+    entry = inflight.running_entry(
+        conversation=message.conversation_id,  # type: ignore[attr-defined]
+        model=message.model or "",
+        request_id=message.request_id or "-",
+        worker=st.worker_id,
+        attempt=publisher.token,
+    )
+    await inflight.running(completion_id, entry)
+    await publisher.start()
+    log.info("generation %s started on %s (run %d)", completion_id, message.model, publisher.token)
+
+    ending = Ending(status=Status.COMPLETED)
+    progress = _Progress(parts=[])
+
+    def on_delta(delta: str) -> None:
+        if publisher.fenced:
+            raise Fenced(completion_id)
+        if progress.first_token_at is None:
+            progress.first_token_at = datetime.now(UTC)
+        progress.parts.append(delta)
+        publisher.delta(delta)
+        if len(progress.parts) % PROGRESS_EVERY == 0:
+            st.batcher.later(inflight.progress(completion_id, entry, len(progress.parts)))
+
     try:
-        await _run(ctx, message, publisher, ending, parts, sampling)
+        async with asyncio.timeout(st.settings.job_timeout) as deadline:
+            history, prompt = await load_context(message, limit=st.settings.context_messages)
+            result = await stream_model(
+                st,
+                model_id=message.model or "",
+                messages=[*history, prompt],
+                sampling=sampling,
+                on_delta=on_delta,
+            )
+        ending.prompt_tokens, ending.completion_tokens, ending.finish_reason = result
+    except Fenced:
+        log.warning("generation %s: this run was superseded; stopping it", completion_id)
+        return "superseded"
     except asyncio.CancelledError:
-        if not await redis.exists(keys.gen_cancel(completion_id)):
-            # Worker shutdown: arq hands the job back; its next run decides what to do.
-            await asyncio.shield(inflight.remove(completion_id))
+        if st.shutting_down and not await st.redis.exists(keys.gen_cancel(completion_id)):
+            # Worker shutdown: arq hands the job back; its next run decides what to do. What
+            # was said so far must be in the log for that decision.
+            await asyncio.shield(_hand_back(publisher, inflight, completion_id))
             raise
         ending.status, ending.finish_reason = Status.CANCELLED, "stop"
-        await asyncio.shield(_end(message, publisher, ending, parts, inflight))
+        await asyncio.shield(_end(publisher, message, ending, progress, inflight))
         raise
     except Exception as exc:
         ending.status = Status.FAILED
-        ending.error = (
-            exc
-            if isinstance(exc, HaiaError)
-            else translate_model_error(exc, model_id=message.model or "")
-        )
+        ending.error = _failure(exc, st, message, timed_out=deadline.expired())
         log.warning(
             "generation %s failed: %s",
             completion_id,
             type(exc).__name__,
             exc_info=ending.error.status == 500,
         )
-    await asyncio.shield(_end(message, publisher, ending, parts, inflight))
+    await asyncio.shield(_end(publisher, message, ending, progress, inflight))
     return ending.status.value
 
 
+def _failure(exc: Exception, st: WorkerState, message: Message, *, timed_out: bool) -> HaiaError:
+    if isinstance(exc, TimeoutError) and timed_out:
+        return UpstreamTimeout(
+            f"The generation ran longer than HAIA_JOB_TIMEOUT "
+            f"({st.settings.job_timeout} s); the partial answer was kept.",
+            code="generation_timeout",
+        )
+    if isinstance(exc, HaiaError):
+        return exc
+    return translate_model_error(exc, model_id=message.model or "")
+
+
+async def _hand_back(publisher: Publisher, inflight: Inflight, completion_id: str) -> None:
+    try:
+        await publisher.flush()
+    finally:
+        await inflight.remove(completion_id)
+
+
 async def _end(
-    message: Message, publisher: Publisher, ending: Ending, parts: list[str], inflight: Inflight
-) -> None:
-    ending.text = "".join(parts)
-    await finish(message, publisher, ending)
-    await inflight.remove(str(message.completion_id))
-
-
-async def _run(
-    ctx: dict[str, Any],
-    message: Message,
     publisher: Publisher,
+    message: Message,
     ending: Ending,
-    parts: list[str],
-    sampling: dict[str, Any],
+    progress: _Progress,
+    inflight: Inflight,
 ) -> None:
-    settings: Settings = ctx["settings"]
-    inflight = Inflight(ctx["redis"])
-    completion_id = str(message.completion_id)
-    entry = await inflight.get(completion_id) or {}
-    history, prompt = await load_context(message, limit=settings.context_messages)
-    log.debug("context for %s: %d stored messages + the new turn", completion_id, len(history))
-
-    async def on_delta(delta: str) -> None:
-        if ending.first_token_at is None:
-            ending.first_token_at = datetime.now(UTC)
-        parts.append(delta)
-        await publisher.emit("delta", text=delta)
-        if len(parts) % PROGRESS_EVERY == 0:
-            await inflight.progress(completion_id, entry, len(parts))
-
-    result = await stream_agent(
-        ctx,
-        agent=ctx["agent"],
-        model_id=message.model or "",
-        history=history,
-        prompt=prompt,
-        sampling=sampling,
-        on_delta=on_delta,
-    )
-    ending.prompt_tokens, ending.completion_tokens, ending.finish_reason = result
+    ending.text = "".join(progress.parts)
+    ending.first_token_at = progress.first_token_at
+    try:
+        await end_run(publisher, message, ending)
+    finally:
+        await inflight.remove(str(message.completion_id))
 
 
-async def stream_agent(
-    ctx: dict[str, Any],
+async def stream_model(
+    st: WorkerState,
     *,
-    agent: Agent[None, str],
     model_id: str,
-    history: list[ModelMessage],
-    prompt: str,
+    messages: list[ModelMessage],
     sampling: dict[str, Any],
-    on_delta: Callable[[str], Awaitable[None]],
+    on_delta: Callable[[str], None],
 ) -> tuple[int, int, str]:
-    """Run `agent` on the model, handing every text delta to `on_delta`.
+    """Stream one model response, handing every text delta to `on_delta`.
 
     Transient upstream failures (rate limit with a known wait, overload, refused connection)
     are retried with a bounded backoff, and only while no text has been sent: a failure
     mid-stream is never retried silently. The SDKs' own retries are off so the bound is HAIA's.
     Returns (prompt tokens, completion tokens, OpenAI finish reason).
     """
-    settings: Settings = ctx["settings"]
+    settings = st.settings
     sent = False
 
-    async def forward(delta: str) -> None:
+    def forward(delta: str) -> None:
         nonlocal sent
         sent = True
-        await on_delta(delta)
+        on_delta(delta)
 
     for attempt in range(settings.llm_retries + 1):
         try:
-            return await _attempt(ctx, agent, model_id, history, prompt, sampling, forward)
+            return await _request(st, model_id, messages, sampling, forward)
         except _TRANSIENT as exc:
-            wait = _retry_wait(exc, attempt, settings)
+            wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
             if sent or attempt == settings.llm_retries or wait is None:
                 raise
             log.info(
@@ -209,7 +243,7 @@ async def stream_agent(
 _TRANSIENT = (ModelRateLimitError, ModelUnavailableError, ModelConnectionError)
 
 
-def _retry_wait(exc: Exception, attempt: int, settings: Settings) -> float | None:
+def _retry_wait(exc: Exception, attempt: int, max_wait: float) -> float | None:
     """Seconds to wait before retrying `exc`, or None when it must not be retried."""
     if isinstance(exc, ModelTimeoutError):
         return None  # silence past HAIA_LLM_TIMEOUT is not transient
@@ -217,33 +251,34 @@ def _retry_wait(exc: Exception, attempt: int, settings: Settings) -> float | Non
     if isinstance(exc, ModelRateLimitError) and retry_after is None:
         return None  # e.g. a spend limit: waiting will not help
     wait = float(retry_after) if retry_after is not None else min(0.5 * 2**attempt, 8.0)
-    return wait if wait <= settings.llm_retry_max_wait else None
+    return wait if wait <= max_wait else None
 
 
-async def _attempt(
-    ctx: dict[str, Any],
-    agent: Agent[None, str],
+async def _request(
+    st: WorkerState,
     model_id: str,
-    history: list[ModelMessage],
-    prompt: str,
+    messages: list[ModelMessage],
     sampling: dict[str, Any],
-    on_delta: Callable[[str], Awaitable[None]],
+    on_delta: Callable[[str], None],
 ) -> tuple[int, int, str]:
-    settings: Settings = ctx["settings"]
-    model_settings = ModelSettings(timeout=settings.llm_timeout, max_retries=0, **sampling)  # type: ignore[typeddict-item]
-    async with agent.run_stream(
-        prompt,
-        message_history=history,
-        model=_model(ctx, model_id),
-        model_settings=model_settings,
-    ) as run:
-        async for delta in run.stream_text(delta=True, debounce_by=None):
-            if delta:
-                await on_delta(delta)
-        usage = run.usage
-        finish_reason = run.response.finish_reason or "stop"
+    model_settings = ModelSettings(timeout=st.settings.llm_timeout, max_retries=0, **sampling)  # type: ignore[typeddict-item]
+    async with model_request_stream(
+        model_for(st, model_id), messages, model_settings=model_settings
+    ) as stream:
+        async for event in stream:
+            if isinstance(event, PartDeltaEvent):
+                if isinstance(event.delta, TextPartDelta) and event.delta.content_delta:
+                    on_delta(event.delta.content_delta)
+            elif (
+                isinstance(event, PartStartEvent)
+                and isinstance(event.part, TextPart)
+                and event.part.content
+            ):
+                on_delta(event.part.content)
+        response = stream.get()
+    finish_reason = response.finish_reason or "stop"
     return (
-        usage.input_tokens,
-        usage.output_tokens,
+        response.usage.input_tokens,
+        response.usage.output_tokens,
         _FINISH_REASONS.get(finish_reason, finish_reason),
     )

@@ -1,4 +1,4 @@
-"""The arq worker: settings, start-up and shutdown, heartbeats, and a queue that wakes it."""
+"""The arq worker: start-up and shutdown, liveness, admission, and a queue that wakes it."""
 
 from __future__ import annotations
 
@@ -8,36 +8,44 @@ import logging
 import os
 import socket
 import uuid
+from signal import Signals
 from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker
-from pydantic_ai import Agent
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app import keys
+from app import jobs, keys
 from app.config import Settings, load_settings
 from app.db import close_database, open_database
 from app.embedded_redis import ensure_redis
-from app.generations import MAX_TRIES, reap_orphans
+from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.logs import setup_logging
-from app.prompts import HOMELAB_ASSISTANT_PROMPT
+from app.publish import Batcher
 from workers.generate import generate
+from workers.heartbeat import Heartbeat
+from workers.state import WorkerState, state
 from workers.task import run_task
 
 log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
+ADMISSION_LAG = 0.1
+"""Seconds of event-loop lag above which a worker stops taking new generations: the ones it
+runs would slow down, and the queue (or another worker) serves the rest at full speed."""
+
 
 class WakeableWorker(Worker):
-    """An arq worker that starts a job as soon as the web says one was enqueued.
+    """An arq worker that starts a job as soon as the web says one was enqueued, and takes
+    only as many as it can serve at full speed.
 
     arq polls its queue every `poll_delay`; that delay would be added to every request. The web
     publishes on `haia:queue:wake` after each enqueue, and this worker waits on that channel
     between polls, keeping the poll only as a fallback (delayed retries, missed wake-ups). It
-    also rides out Redis restarts instead of exiting.
+    also rides out Redis restarts instead of exiting, and pauses taking jobs while its event
+    loop lags (admission: the rest wait in the queue, in order, for this or another worker).
     """
 
     def __init__(self, *args: Any, wake_timeout: float, **kwargs: Any) -> None:
@@ -45,6 +53,9 @@ class WakeableWorker(Worker):
         self._wake_timeout = wake_timeout
         self._woken = asyncio.Event()
         self._wake_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self.lag = 0.0
+        self._draining = False
 
     async def _listen_for_wakeups(self) -> None:
         while True:
@@ -59,10 +70,21 @@ class WakeableWorker(Worker):
                 self._woken.set()
                 await asyncio.sleep(1)
 
+    async def _measure_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.05)
+            overshoot = loop.time() - before - 0.05
+            self.lag = 0.7 * self.lag + 0.3 * max(overshoot, 0.0)
+
     async def _poll_iteration(self) -> None:
         if self._wake_task is None and not self.burst:
             self._wake_task = asyncio.create_task(self._listen_for_wakeups())
+            self._lag_task = asyncio.create_task(self._measure_lag())
         self._woken.clear()
+        if not self._draining:
+            self.allow_pick_jobs = self.lag < ADMISSION_LAG or not self.tasks
         try:
             await super()._poll_iteration()
         except _REDIS_DOWN as exc:
@@ -74,51 +96,71 @@ class WakeableWorker(Worker):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), self._wake_timeout)
 
+    def _stopping(self) -> None:
+        self._draining = True
+        self.allow_pick_jobs = False
+        haia = self.ctx.get("haia")
+        if isinstance(haia, WorkerState):
+            haia.shutting_down = True
+
+    def handle_sig(self, signum: Signals) -> None:
+        self._stopping()
+        super().handle_sig(signum)
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        self._stopping()
+        super().handle_sig_wait_for_completion(signum)
+
     async def close(self) -> None:
-        if self._wake_task is not None:
-            self._wake_task.cancel()
+        for task in (self._wake_task, self._lag_task):
+            if task is not None:
+                task.cancel()
         await super().close()
 
 
-async def _heartbeat(ctx: dict[str, Any]) -> None:
-    """Keep `haia:worker:{id}` alive, and end or rerun generations of workers that died."""
-    settings: Settings = ctx["settings"]
-    key = keys.worker_heartbeat(ctx["worker_id"])
-    interval = settings.worker_dead_after / 4
+async def _maintain(st: WorkerState) -> None:
+    """End or rerun the generations of workers that died; end rows no job will end."""
+    sweeper = Sweeper(st.redis, st.settings)
+    interval = st.settings.worker_dead_after / 4
+    loop = asyncio.get_running_loop()
+    next_sweep = loop.time() + SWEEP_EVERY
     while True:
-        try:
-            await ctx["redis"].set(key, "1", px=int(settings.worker_dead_after * 1000))
-            await reap_orphans(ctx["redis"], settings, max_tries=MAX_TRIES)
-        except _REDIS_DOWN as exc:
-            log.warning("heartbeat failed (%s)", type(exc).__name__)
-        except Exception:
-            log.exception("orphan check failed")
         await asyncio.sleep(interval)
+        try:
+            await reap_orphans(st.redis, st.settings, max_tries=MAX_TRIES)
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + SWEEP_EVERY
+                await sweeper.sweep()
+        except Exception as exc:  # noqa: BLE001 - Redis or the database away: next round
+            log.warning("orphan check failed (%s)", type(exc).__name__)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    await open_database(settings.database_url)
-    ctx["agent"] = Agent(instructions=HOMELAB_ASSISTANT_PROMPT, output_type=str)
-    ctx["task_agent"] = Agent(output_type=str)  # tasks bring their own instructions
-    ctx["models"] = {}
-    await ctx["redis"].set(
-        keys.worker_heartbeat(ctx["worker_id"]), "1", px=int(settings.worker_dead_after * 1000)
+    st = state(ctx)
+    st.redis = ctx["redis"]
+    await open_database(st.settings.database_url)
+    st.batcher = Batcher(st.redis)
+    st.batcher.start()
+    st.heartbeat = Heartbeat(
+        st.redis_url, keys.worker_heartbeat(st.worker_id), ttl=st.settings.worker_dead_after
     )
-    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+    st.heartbeat.beat()
+    st.heartbeat.start()
+    ctx["maintenance"] = asyncio.create_task(_maintain(st), name="haia-maintenance")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    task: asyncio.Task[None] | None = ctx.get("heartbeat")
+    st = state(ctx)
+    task: asyncio.Task[None] | None = ctx.get("maintenance")
     if task is not None:
         task.cancel()
-    with contextlib.suppress(Exception):
-        await ctx["redis"].delete(keys.worker_heartbeat(ctx["worker_id"]))
+    await st.batcher.stop()
+    await asyncio.to_thread(st.heartbeat.stop)
     await close_database()
 
 
 def create_worker(settings: Settings, *, redis_url: str, burst: bool = False) -> WakeableWorker:
-    """The worker for `settings`; arq's ctx carries the settings to every job."""
+    """The worker for `settings`; every job reaches its `WorkerState` through `ctx`."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     return WakeableWorker(
         functions=[generate, run_task],
@@ -126,9 +168,11 @@ def create_worker(settings: Settings, *, redis_url: str, burst: bool = False) ->
         redis_settings=RedisSettings.from_dsn(redis_url),
         on_startup=startup,
         on_shutdown=shutdown,
-        ctx={"settings": settings, "worker_id": worker_id},
+        ctx={"haia": WorkerState(settings=settings, worker_id=worker_id, redis_url=redis_url)},
         max_jobs=settings.worker_max_jobs,
-        job_timeout=settings.job_timeout,
+        # HAIA ends a generation at HAIA_JOB_TIMEOUT itself (keeping its text); arq's own
+        # timeout is only the backstop.
+        job_timeout=settings.job_timeout + 30,
         keep_result=60,
         max_tries=MAX_TRIES,
         allow_abort_jobs=True,
@@ -136,6 +180,8 @@ def create_worker(settings: Settings, *, redis_url: str, burst: bool = False) ->
         job_completion_wait=settings.shutdown_grace,
         burst=burst,
         wake_timeout=settings.worker_poll_delay,
+        job_serializer=jobs.serialize,
+        job_deserializer=jobs.deserialize,
     )
 
 

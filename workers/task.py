@@ -10,13 +10,17 @@ import asyncio
 import logging
 from typing import Any
 
-from app.config import Settings
+from pydantic_ai.messages import ModelRequest, UserPromptPart
+
 from app.errors import HaiaError
-from app.generations import publisher_for
+from app.events import Event
+from app.generations import ttls
 from app.llm import translate_model_error
 from app.logs import request_id_var
+from app.publish import Publisher, claim
 from workers.context import to_model_message
-from workers.generate import stream_agent
+from workers.generate import stream_model
+from workers.state import state
 
 log = logging.getLogger(__name__)
 
@@ -31,40 +35,42 @@ async def run_task(
     request_id: str | None = None,
 ) -> str:
     """Answer a background task; publish its events like a generation's."""
-    settings: Settings = ctx["settings"]
+    st = state(ctx)
     request_id_var.set(request_id or "-")
-    publisher = publisher_for(ctx["redis"], settings, completion_id)
-    await publisher.emit("start", status="in_progress")
-
-    async def on_delta(delta: str) -> None:
-        await publisher.emit("delta", text=delta)
-
+    token = int(ctx.get("job_try", 1))
+    await claim(st.redis, completion_id, token, ttls(st.settings))
+    publisher = Publisher(st.redis, completion_id, token, ttls(st.settings), st.batcher)
+    await publisher.start()
+    *history, (_, prompt) = messages
     try:
-        prompt_tokens, completion_tokens, finish_reason = await stream_agent(
-            ctx,
-            agent=ctx["task_agent"],
+        prompt_tokens, completion_tokens, finish_reason = await stream_model(
+            st,
             model_id=model_id,
-            history=[to_model_message(role, text) for role, text in messages[:-1]],
-            prompt=messages[-1][1],
+            messages=[
+                *(to_model_message(role, text) for role, text in history),
+                ModelRequest(parts=[UserPromptPart(content=prompt)]),  # tasks bring their own
+            ],
             sampling=sampling or {},
-            on_delta=on_delta,
+            on_delta=publisher.delta,
         )
     except Exception as exc:  # noqa: BLE001 - the client must hear of every failure
         error = exc if isinstance(exc, HaiaError) else translate_model_error(exc, model_id=model_id)
         log.warning("task %s failed: %s", completion_id, type(exc).__name__)
-        await asyncio.shield(
-            publisher.emit(
-                "end",
-                status="failed",
-                error=error.body()["error"],
-                extra={"http_status": error.status},
-            )
+        end = Event(
+            seq=0,
+            type="end",
+            status="failed",
+            error=error.body()["error"],
+            http_status=error.status,
+            retry_after=error.retry_after,
         )
+        await asyncio.shield(publisher.end(end))
         return "failed"
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-    await publisher.emit("end", status="completed", finish_reason=finish_reason, usage=usage)
+    end = Event(seq=0, type="end", status="completed", finish_reason=finish_reason, usage=usage)
+    await publisher.end(end)
     return "completed"

@@ -21,6 +21,7 @@ class Status(StrEnum):
 
 
 FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED})
+ACTIVE = frozenset({Status.QUEUED, Status.IN_PROGRESS})
 
 
 def new_conversation_id() -> str:
@@ -82,6 +83,8 @@ class Message(Model):
     completion_tokens = fields.IntField(null=True)
     error: dict[str, object] | None = fields.JSONField(null=True)
     request_id = fields.CharField(max_length=128, null=True)
+    attempt = fields.IntField(default=0)
+    """Fencing token: bumped by every run a worker starts; only the current run may end it."""
     prefix_hash = fields.CharField(max_length=64, null=True, db_index=True)
     """Digest of the conversation up to and including this message (finds resent histories)."""
     created_at = fields.DatetimeField(auto_now_add=True)

@@ -17,7 +17,8 @@ from app.context import Services, services
 from app.db.models import Status
 from app.errors import Unavailable
 from app.events import Event
-from app.generations import abort_job, end_without_worker, no_worker_error
+from app.generations import abort_job, end_as, no_worker_error
+from app.inflight import Inflight
 from app.logs import request_id_var
 from app.openapi import errors, register, stream_events
 from app.relay import Follower
@@ -126,6 +127,13 @@ async def _answer_task(
 
 async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> None:
     try:
+        if turn.conversation_id:  # a stored turn: visible as waiting until a worker takes it
+            await Inflight(svc.redis).queued(
+                turn.completion_id,
+                conversation=turn.conversation_id,
+                model=turn.model,
+                request_id=request_id_var.get(),
+            )
         await svc.redis.enqueue_job(
             function,
             turn.completion_id,
@@ -156,17 +164,18 @@ async def _await_worker(
         if loop.time() < deadline:
             continue
         error = no_worker_error(svc.settings)
-        ended = await end_without_worker(
+        # Ends it unless a worker took it meanwhile (the fence decides); a task too.
+        ended = await end_as(
             svc.redis,
             svc.settings,
             turn.completion_id,
             status=Status.FAILED,
-            only_if=(Status.QUEUED,),
+            only_if=frozenset({Status.QUEUED}),
             error=error,
         )
-        if not ended and not turn.conversation_id:  # a task: nothing stored to end
+        if ended:
             await abort_job(svc.redis, turn.completion_id)
-            raise error
+            await svc.redis.zrem(keys.QUEUE, turn.completion_id)
         deadline = float("inf")  # ended here, or a worker just took it: its events follow
     raise Unavailable("The generation ended without a result.")
 

@@ -15,7 +15,7 @@ from app.context import Services, services
 from app.db.models import FINISHED, Message, Status
 from app.errors import InvalidRequest, NotFound
 from app.events import Event
-from app.generations import abort_job, end_without_worker, logged_events, text_of
+from app.generations import Ending, abort_job, end_as, logged_events, text_of
 from app.openapi import errors, integer, returns, stream_events
 from app.schemas import (
     AssistantMessage,
@@ -47,20 +47,25 @@ async def _message(request: Request, completion_id: str) -> Message:
 
 
 async def stored_completion(svc: Services, message: Message) -> StoredCompletion:
-    """The completion as stored; while it runs, the text so far comes from its replay log."""
-    text = message.content
-    if message.status not in FINISHED:
-        text = text_of(await logged_events(svc.redis, str(message.completion_id)))
+    """The completion as stored; while it runs, the text so far comes from its replay log, and
+    once the log announced its end (the row is written right after), the outcome too."""
+    text, status, finish_reason = message.content, message.status, message.finish_reason
     usage = Usage.of(message.prompt_tokens, message.completion_tokens)
+    error = message.error
+    if message.status not in FINISHED:
+        events = await logged_events(svc.redis, str(message.completion_id))
+        text = text_of(events)
+        if events and events[-1].is_terminal:
+            ending = Ending.from_log(events)
+            status, finish_reason, error = ending.status, ending.finish_reason, ending.detail()
+            usage = Usage.of(ending.prompt_tokens, ending.completion_tokens)
     return StoredCompletion(
         id=str(message.completion_id),
         created=int(message.created_at.timestamp()),
         model=message.model or "",
-        status=message.status.value,
+        status=status.value,
         conversation_id=message.conversation_id,  # type: ignore[attr-defined]
-        choices=[
-            Choice(message=AssistantMessage(content=text), finish_reason=message.finish_reason)
-        ],
+        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)],
         usage=usage,
         timings=Timings(
             created_at=message.created_at,
@@ -68,7 +73,7 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
             first_token_at=message.first_token_at,
             finished_at=message.finished_at,
         ),
-        error=ErrorDetail.model_validate(message.error) if message.error else None,
+        error=ErrorDetail.model_validate(error) if error else None,
     )
 
 
@@ -159,13 +164,13 @@ async def cancel_completion(request: Request, completion_id: str) -> HTTPRespons
         async with svc.relay.follow(completion_id) as follower:
             await svc.redis.set(keys.gen_cancel(completion_id), "1", ex=svc.settings.job_timeout)
             # Not started yet: end it here. Running (or starting right now): abort the job; the
-            # worker stores the partial text. The database decides which of the two wins.
-            await end_without_worker(
+            # worker stores the partial text. The fence decides which of the two ends it.
+            await end_as(
                 svc.redis,
                 svc.settings,
                 completion_id,
                 status=Status.CANCELLED,
-                only_if=(Status.QUEUED,),
+                only_if=frozenset({Status.QUEUED}),
             )
             await abort_job(svc.redis, completion_id)
             with contextlib.suppress(TimeoutError):

@@ -132,6 +132,12 @@ async def delete_conversation(request: Request, conversation_id: str) -> HTTPRes
             await svc.redis.set(keys.gen_cancel(str(completion_id)), "1", ex=3600)
             await abort_job(svc.redis, str(completion_id))
     if completions:
-        await svc.redis.delete(*(keys.gen_log(str(cid)) for cid, _ in completions))
+        await svc.redis.delete(
+            *(
+                key
+                for cid, _ in completions
+                for key in (keys.gen_log(str(cid)), keys.gen_fence(str(cid)))
+            )
+        )
     await conversation.delete()
     return json_response(Deleted(id=conversation_id).model_dump(mode="json"))
