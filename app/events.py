@@ -22,6 +22,11 @@ class Event:
     seq: int
     type: EventType
     text: str = ""
+    """A content delta."""
+    reasoning: str = ""
+    """A reasoning ("thinking") delta."""
+    tool: dict[str, Any] | None = None
+    """A piece of a tool call: `index`, and `id`/`name` on its first piece, `arguments`."""
     status: str | None = None
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
@@ -36,11 +41,16 @@ class Event:
 
     def body(self) -> str:
         """The JSON without `seq`, starting with `{`: what `app.publish` appends."""
-        if self.type == "delta":  # the hot path: keep it small and cheap
+        if self.type == "delta" and self.tool is None and not self.reasoning:
+            # the hot path: keep it small and cheap
             return '{"type": "delta", "text": ' + json.dumps(self.text) + "}"
         data: dict[str, Any] = {"type": self.type}
         if self.text:
             data["text"] = self.text
+        if self.reasoning:
+            data["reasoning"] = self.reasoning
+        if self.tool is not None:
+            data["tool"] = self.tool
         for name in _OPTIONAL:
             value = getattr(self, name)
             if value is not None:

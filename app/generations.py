@@ -27,6 +27,7 @@ from tortoise.exceptions import BaseORMException
 
 from app import keys
 from app.config import Settings
+from app.content import stored_identity
 from app.db.models import ACTIVE, Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
@@ -87,12 +88,38 @@ def text_of(events: list[Event]) -> str:
     return "".join(event.text for event in events if event.type == "delta")
 
 
+def reasoning_of(events: list[Event]) -> str:
+    return "".join(event.reasoning for event in events if event.type == "delta")
+
+
+def tool_calls_of(events: list[Event]) -> list[dict[str, Any]] | None:
+    """The tool calls the deltas of a log assemble, in the OpenAI shape."""
+    calls: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if event.type != "delta" or event.tool is None:
+            continue
+        piece = event.tool
+        call = calls.setdefault(
+            int(piece["index"]),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if piece.get("id"):
+            call["id"] = piece["id"]
+        if piece.get("name"):
+            call["function"]["name"] = piece["name"]
+        call["function"]["arguments"] += piece.get("arguments") or ""
+    return [calls[index] for index in sorted(calls)] or None
+
+
 @dataclass
 class Ending:
     """How a generation ended; stored on its message and announced as the `end` event."""
 
     status: Status
     text: str = ""
+    reasoning: str = ""
+    reasoning_parts: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -127,6 +154,8 @@ class Ending:
         return cls(
             status=Status(end.status or Status.FAILED),
             text=text_of(events),
+            reasoning=reasoning_of(events),
+            tool_calls=tool_calls_of(events),
             finish_reason=end.finish_reason,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
@@ -254,7 +283,7 @@ async def store_ending(
 async def _store(message: Message, ending: Ending, token: int | None) -> bool:
     finished_at = datetime.now(UTC)
     prefix_hash = None
-    if ending.text:
+    if ending.text or ending.tool_calls:
         previous = (
             await Message.filter(
                 conversation_id=message.conversation_id,  # type: ignore[attr-defined]
@@ -264,12 +293,19 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
             .order_by("-id")
             .first()
         )
-        prefix_hash = digest(previous.prefix_hash if previous else None, "assistant", ending.text)
+        prefix_hash = digest(
+            previous.prefix_hash if previous else None,
+            "assistant",
+            stored_identity(ending.text, tool_calls=ending.tool_calls),
+        )
     row = Message.filter(id=message.id, status__in=list(ACTIVE))
     if token is not None:
         row = row.filter(attempt=token)
     stored = await row.update(
         content=ending.text,
+        reasoning=ending.reasoning,
+        reasoning_parts=ending.reasoning_parts,
+        tool_calls=ending.tool_calls,
         status=ending.status,
         finish_reason=ending.finish_reason,
         prompt_tokens=ending.prompt_tokens,
@@ -314,8 +350,9 @@ async def end_as(
     # Fenced: the log cannot grow any more, its deltas are the text.
     events = await logged_events(redis, completion_id)
     ending = _ending_for(status, error)
-    ending.text = text_of(events)
-    if ending.text:
+    ending.text, ending.reasoning = text_of(events), reasoning_of(events)
+    ending.tool_calls = tool_calls_of(events)
+    if ending.text or ending.reasoning or ending.tool_calls:
         ending.first_token_at = message.started_at
     publisher = Publisher(redis, completion_id, run.token, ttls(settings))
     ended = await end_run(publisher, message, ending)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import httpx
 from pydantic_ai.exceptions import (
     ModelAPIError,
@@ -14,13 +16,15 @@ from pydantic_ai.exceptions import (
     ModelUnavailableError,
     UnexpectedModelBehavior,
 )
-from pydantic_ai.models import Model
+from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.models.anthropic import AnthropicModel
 from pydantic_ai.models.ollama import OllamaModel
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.anthropic import AnthropicProvider
 from pydantic_ai.providers.ollama import OllamaProvider
 from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import ToolDefinition
 
 from app.config import Settings, check_model_id
 from app.errors import (
@@ -136,3 +140,59 @@ _BASE_URL_VARIABLES = {
     "anthropic": "ANTHROPIC_BASE_URL",
     "openai-chat": "OPENAI_BASE_URL",
 }
+
+
+_THINKING = {
+    "none": False,
+    "minimal": "minimal",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "xhigh",
+}
+
+
+def request_settings(
+    model_id: str, options: dict[str, Any], settings: Settings
+) -> tuple[ModelSettings, ModelRequestParameters]:
+    """The model settings and request parameters for a job's `options` (see
+    `ChatCompletionRequest.options`), translated for the model's provider."""
+    provider = model_id.partition(":")[0]
+    values: dict[str, Any] = {
+        "timeout": settings.llm_timeout,
+        "max_retries": 0,
+        **options.get("sampling", {}),
+    }
+    if "parallel_tool_calls" in options:
+        values["parallel_tool_calls"] = options["parallel_tool_calls"]
+    choice = options.get("tool_choice")
+    if choice is not None:
+        values["tool_choice"] = [choice["name"]] if isinstance(choice, dict) else choice
+    if "reasoning_effort" in options:
+        values["thinking"] = _THINKING[options["reasoning_effort"]]
+    user = options.get("user")
+    if provider == "anthropic":
+        values.pop("logit_bias", None)  # not an Anthropic parameter
+        values.pop("presence_penalty", None)
+        values.pop("frequency_penalty", None)
+        values.pop("seed", None)
+        if user:
+            values["anthropic_metadata"] = {"user_id": user}
+    else:
+        if user:
+            values["openai_user"] = user
+        if "response_format" in options:
+            values["extra_body"] = {"response_format": options["response_format"]}
+    tools = [
+        ToolDefinition(
+            name=tool["name"],
+            description=tool.get("description"),
+            parameters_json_schema=tool.get("parameters") or {"type": "object", "properties": {}},
+            strict=tool.get("strict"),
+        )
+        for tool in options.get("tools", [])
+    ]
+    return (
+        cast(ModelSettings, values),
+        ModelRequestParameters(function_tools=tools, allow_text_output=True),
+    )

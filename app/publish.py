@@ -171,6 +171,16 @@ class Publisher:
         if self.batcher is not None:
             self.batcher.wake(self)
 
+    def reasoning(self, text: str) -> None:
+        self.pending.append(Event(seq=0, type="delta", reasoning=text))
+        if self.batcher is not None:
+            self.batcher.wake(self)
+
+    def tool(self, piece: dict[str, Any]) -> None:
+        self.pending.append(Event(seq=0, type="delta", tool=piece))
+        if self.batcher is not None:
+            self.batcher.wake(self)
+
     async def flush(self) -> None:
         await self._send([])
 

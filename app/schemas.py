@@ -10,13 +10,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
-    """One element of an array `content` (`text`, `image_url`, …); unknown kinds are kept."""
+    """One element of an array `content`: `text` or `image_url` (what models take)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    """An assistant's call of a client tool, as OpenAI writes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -25,6 +50,8 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=200)
 
     @property
     def text(self) -> str:
@@ -35,6 +62,12 @@ class ChatMessage(BaseModel):
             return self.content
         return "\n".join(part.text for part in self.content if part.text is not None)
 
+    @property
+    def images(self) -> list[ImageURL]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url for part in self.content if part.image_url is not None]
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -42,8 +75,49 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionCall | dict[str, str]
+
+    @property
+    def name(self) -> str:
+        function = self.function
+        return function.name if isinstance(function, FunctionCall) else function.get("name", "")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+_SUPPORTED_PARTS = ("text", "image_url")
+
+
 class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions`. Fields HAIA does not act on (tools, …) are accepted."""
+    """`POST /v1/chat/completions`. Every documented field is accepted; those the model can act
+    on reach it (see `options()`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -57,8 +131,16 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
     n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     @field_validator("n")
     @classmethod
@@ -75,29 +157,73 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _ends_with_user_turn(self) -> ChatCompletionRequest:
-        if self.messages[-1].role != "user":
-            raise ValueError("the last message must have role 'user'")
+    def _ends_with_a_turn(self) -> ChatCompletionRequest:
+        if self.messages[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must have role 'user' or 'tool'")
         return self
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported_part(self) -> tuple[str, str] | None:
+        """(param, type) of the first content part no model can take, if any."""
+        for index, message in enumerate(self.messages):
+            if not isinstance(message.content, list):
+                continue
+            for position, part in enumerate(message.content):
+                param = f"messages[{index}].content[{position}]"
+                if part.type not in _SUPPORTED_PARTS:
+                    return f"{param}.type", part.type
+                if part.type == "image_url" and (
+                    part.image_url is None
+                    or not part.image_url.url.startswith(("data:image/", "http://", "https://"))
+                ):
+                    return f"{param}.image_url", "image_url"
+                if part.type == "text" and part.text is None:
+                    return f"{param}.text", "text"
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """What the model receives beyond the messages, as plain data for the job."""
+        options: dict[str, Any] = {"sampling": self.sampling()}
+        if self.tools:
+            options["tools"] = [
+                {
+                    "name": tool.function.name,
+                    "description": tool.function.description,
+                    "parameters": tool.function.parameters,
+                    "strict": tool.function.strict,
+                }
+                for tool in self.tools
+            ]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            options["tool_choice"] = choice if isinstance(choice, str) else {"name": choice.name}
+        if self.parallel_tool_calls is not None:
+            options["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.response_format is not None and self.response_format.type != "text":
+            options["response_format"] = self.response_format.model_dump(exclude_none=True)
+        if self.reasoning_effort is not None:
+            options["reasoning_effort"] = self.reasoning_effort
+        if self.user is not None:
+            options["user"] = self.user
+        return options
+
     def sampling(self) -> dict[str, Any]:
         """The sampling settings the model receives (pydantic-ai `ModelSettings` keys)."""
         settings: dict[str, Any] = {}
-        if self.temperature is not None:
-            settings["temperature"] = self.temperature
-        if self.top_p is not None:
-            settings["top_p"] = self.top_p
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                settings[name] = value
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is not None:
             settings["max_tokens"] = max_tokens
         if self.stop is not None:
             settings["stop_sequences"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        if self.seed is not None:
-            settings["seed"] = self.seed
+        if self.logit_bias:
+            settings["logit_bias"] = {key: int(value) for key, value in self.logit_bias.items()}
         return settings
 
 
@@ -121,6 +247,8 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -140,9 +268,23 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -228,7 +370,10 @@ class ConversationPage(BaseModel):
 class StoredMessage(BaseModel):
     id: int
     role: str
-    content: str
+    content: str | list[dict[str, Any]]
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     status: str
     model: str | None = None
     completion_id: str | None = None

@@ -26,11 +26,12 @@ class ChunkWriter:
         event_id = f"id: {seq}\n" if seq is not None else ""
         return f"{event_id}data: {self._head}{choices}}}\n\n".encode()
 
-    def role(self) -> bytes:
+    def role(self, seq: int | None = 1) -> bytes:
+        """The first chunk; it stands for the generation's `start` event (seq 1)."""
         return self._frame(
             '[{"index":0,"delta":{"role":"assistant","content":""},'
             '"logprobs":null,"finish_reason":null}]',
-            None,
+            seq,
         )
 
     def content(self, text: str, seq: int) -> bytes:
@@ -40,18 +41,41 @@ class ChunkWriter:
             seq,
         )
 
+    def reasoning(self, text: str, seq: int) -> bytes:
+        return self._frame(
+            f'[{{"index":0,"delta":{{"reasoning_content":{json.dumps(text)}}},'
+            f'"logprobs":null,"finish_reason":null}}]',
+            seq,
+        )
+
+    def tool(self, piece: dict[str, Any], seq: int) -> bytes:
+        """A piece of a tool call: id, type and name with its first piece, then arguments."""
+        call: dict[str, Any] = {"index": piece["index"]}
+        if piece.get("id") or piece.get("name"):
+            call.update(id=piece.get("id"), type="function")
+            function = {"name": piece.get("name"), "arguments": piece.get("arguments") or ""}
+        else:
+            function = {"arguments": piece.get("arguments") or ""}
+        call["function"] = function
+        delta = json.dumps({"tool_calls": [call]}, separators=(",", ":"))
+        return self._frame(
+            f'[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":null}}]', seq
+        )
+
     def finish(self, reason: str, seq: int) -> bytes:
         return self._frame(
             f'[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":{json.dumps(reason)}}}]',
             seq,
         )
 
-    def usage(self, usage: dict[str, int] | None) -> bytes:
+    def usage(self, usage: dict[str, int] | None, seq: int) -> bytes:
+        """OpenAI's last chunk with `stream_options.include_usage`: `choices: []`. It carries
+        the `end` event's id, like the finish chunk before it."""
         if not self._include_usage:
             return b""
         body = usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         usage_json = json.dumps(body, separators=(",", ":"))
-        return f'data: {self._head}[],"usage":{usage_json}}}\n\n'.encode()
+        return f'id: {seq}\ndata: {self._head}[],"usage":{usage_json}}}\n\n'.encode()
 
     @staticmethod
     def error(detail: dict[str, Any], seq: int | None) -> bytes:

@@ -92,7 +92,12 @@ async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None
         await response.send(PING)
         return False
     if event.type == "delta":
-        await response.send(writer.content(event.text, event.seq))
+        if event.tool is not None:
+            await response.send(writer.tool(event.tool, event.seq))
+        elif event.reasoning:
+            await response.send(writer.reasoning(event.reasoning, event.seq))
+        else:
+            await response.send(writer.content(event.text, event.seq))
         return False
     if not event.is_terminal:
         return False
@@ -100,7 +105,7 @@ async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None
         await response.send(writer.error(event.error or {}, event.seq))
     else:
         await response.send(writer.finish(event.finish_reason or "stop", event.seq))
-        await response.send(writer.usage(event.usage))
+        await response.send(writer.usage(event.usage, event.seq))
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
     return True

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from app.db.models import ChatLink, Conversation, Message, Status
+from app.content import identity, stored_parts, tool_calls_json
+from app.db.models import Blob, ChatLink, Conversation, Message, Status
 from app.errors import InvalidRequest, NotFound
 from app.schemas import ChatMessage
 
@@ -28,6 +29,7 @@ _STORED_ROLES = {
     "developer": "system",
     "user": "user",
     "assistant": "assistant",
+    "tool": "tool",
 }
 TITLE_LENGTH = 80
 
@@ -59,7 +61,7 @@ def history_digest(messages: Sequence[ChatMessage]) -> str | None:
     value: str | None = None
     for message in messages:
         if message.role in _STORED_ROLES:
-            value = digest(value, _STORED_ROLES[message.role], message.text)
+            value = digest(value, _STORED_ROLES[message.role], identity(message))
     return value
 
 
@@ -142,7 +144,7 @@ async def _find(
 
 
 def _has_dialogue(history: Sequence[ChatMessage]) -> bool:
-    return any(message.role in ("user", "assistant") for message in history)
+    return any(message.role in ("user", "assistant", "tool") for message in history)
 
 
 async def start_turn(
@@ -176,19 +178,31 @@ async def start_turn(
             await conversation.save(update_fields=["title", "updated_at"])
         previous = await head_digest(conversation)
         rows = []
-        for message in incoming:
+        blobs: dict[str, Blob] = {}
+        offset = len(messages) - len(incoming)
+        for index, message in enumerate(incoming, start=offset):
             if message.role not in _STORED_ROLES:
                 continue
             role = _STORED_ROLES[message.role]
-            previous = digest(previous, role, message.text)
+            previous = digest(previous, role, identity(message))
+            parts, new_blobs = stored_parts(message, index)
+            blobs.update((blob.sha256, blob) for blob in new_blobs)
             rows.append(
                 Message(
                     conversation=conversation,
                     role=role,
                     content=message.text,
+                    parts=parts,
+                    tool_calls=tool_calls_json(message),
+                    tool_call_id=message.tool_call_id if role == "tool" else None,
                     prefix_hash=previous,
                 )
             )
+        if blobs:
+            found = await Blob.filter(sha256__in=list(blobs)).values_list("sha256", flat=True)
+            known = {str(sha) for sha in found}
+            new = [blob for sha, blob in blobs.items() if sha not in known]
+            await Blob.bulk_create(new, ignore_conflicts=True)  # a concurrent turn may add it
         await Message.bulk_create(rows)
         assistant = await Message.create(
             conversation=conversation,

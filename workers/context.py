@@ -1,47 +1,164 @@
-"""What the model sees: the stored conversation turned into pydantic-ai messages."""
+"""What the model sees: the stored conversation turned into pydantic-ai messages.
+
+Text, images (stored blobs or URLs), the assistant's tool calls and the client's tool results
+go back in order. Reasoning is never sent back as content; Anthropic's signed thinking blocks
+go back with their assistant turn to an Anthropic model, as its tool loop requires.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from pydantic_ai.messages import (
+    BinaryContent,
+    ImageUrl,
     ModelMessage,
     ModelRequest,
+    ModelRequestPart,
     ModelResponse,
+    ModelResponsePart,
     SystemPromptPart,
     TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserContent,
     UserPromptPart,
 )
 from tortoise.expressions import Q
 
-from app.db.models import Message, Status
+from app.content import BLOB_SCHEME
+from app.db.models import Blob, Message, Status
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 
 
-async def load_context(
-    assistant: Message, *, limit: int
-) -> tuple[list[ModelMessage], ModelRequest]:
-    """The conversation's system messages, the last `limit` other messages before the new user
-    turn, and that turn as a request carrying HAIA's instructions.
+async def load_context(assistant: Message, *, limit: int) -> list[ModelMessage]:
+    """The conversation's system messages, then the last `limit` other messages before the new
+    turn and that turn (a user message, or tool results), the last request carrying HAIA's
+    instructions.
 
-    Failed or empty assistant turns are left out: the model should not see them.
+    Failed or empty assistant turns are left out: the model should not see them. A window that
+    would start with tool results whose call it cut off starts after them instead.
     """
     before = Message.filter(
         conversation_id=assistant.conversation_id,  # type: ignore[attr-defined]
         id__lt=assistant.id,
-    ).filter(~(Q(role="assistant") & (Q(content="") | Q(status=Status.FAILED))))
+    ).filter(
+        ~(
+            Q(role="assistant")
+            & ((Q(content="") & Q(tool_calls__isnull=True)) | Q(status=Status.FAILED))
+        )
+    )
     system = await before.filter(role="system").order_by("id")
     rows = await before.filter(role__not="system").order_by("-id").limit(limit + 1)
     rows.reverse()
-    if not rows or rows[-1].role != "user":
+    while rows and rows[0].role == "tool":
+        rows.pop(0)
+    if not rows or rows[-1].role not in ("user", "tool"):
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
-    *history, turn = rows
-    context = [to_model_message(row.role, row.content) for row in (*system, *history)]
-    return context, ModelRequest(
-        parts=[UserPromptPart(content=turn.content)], instructions=HOMELAB_ASSISTANT_PROMPT
-    )
+    blobs = await _blobs([*system, *rows])
+    provider = (assistant.model or "").partition(":")[0]
+    messages = to_model_messages([*system, *rows], blobs=blobs, provider=provider)
+    last = messages[-1]
+    assert isinstance(last, ModelRequest)
+    messages[-1] = ModelRequest(parts=last.parts, instructions=HOMELAB_ASSISTANT_PROMPT)
+    return messages
+
+
+async def _blobs(rows: Sequence[Message]) -> dict[str, Blob]:
+    wanted = {
+        str(part["image_url"]["url"]).removeprefix(BLOB_SCHEME)  # type: ignore[index]
+        for row in rows
+        for part in row.parts or ()
+        if part.get("type") == "image_url" and str(part["image_url"]["url"]).startswith(BLOB_SCHEME)  # type: ignore[index]
+    }
+    if not wanted:
+        return {}
+    return {blob.sha256: blob for blob in await Blob.filter(sha256__in=list(wanted))}
+
+
+def to_model_messages(
+    rows: Sequence[Message], *, blobs: dict[str, Blob], provider: str
+) -> list[ModelMessage]:
+    """Stored rows as pydantic-ai messages; consecutive request parts share one request."""
+    messages: list[ModelMessage] = []
+    tool_names: dict[str, str] = {}
+    pending: list[ModelRequestPart] = []
+    for row in rows:
+        if row.role == "assistant":
+            if pending:
+                messages.append(ModelRequest(parts=pending))
+                pending = []
+            messages.append(_response(row, provider, tool_names))
+        elif row.role == "system":
+            pending.append(SystemPromptPart(content=row.content))
+        elif row.role == "tool":
+            call_id = row.tool_call_id or ""
+            pending.append(
+                ToolReturnPart(
+                    tool_name=tool_names.get(call_id, "tool"),
+                    content=row.content,
+                    tool_call_id=call_id,
+                )
+            )
+        else:
+            pending.append(UserPromptPart(content=_user_content(row, blobs)))
+    if pending:
+        messages.append(ModelRequest(parts=pending))
+    return messages
+
+
+def _user_content(row: Message, blobs: dict[str, Blob]) -> str | list[UserContent]:
+    if not row.parts:
+        return row.content
+    content: list[UserContent] = []
+    for part in row.parts:
+        if part.get("type") == "text":
+            content.append(str(part.get("text") or ""))
+            continue
+        image: dict[str, Any] = part["image_url"]  # type: ignore[assignment]
+        url = str(image["url"])
+        if url.startswith(BLOB_SCHEME):
+            blob = blobs.get(url.removeprefix(BLOB_SCHEME))
+            if blob is not None:
+                content.append(BinaryContent(data=bytes(blob.data), media_type=blob.media_type))
+        else:
+            content.append(ImageUrl(url=url))
+    return content
+
+
+def _response(row: Message, provider: str, tool_names: dict[str, str]) -> ModelResponse:
+    parts: list[ModelResponsePart] = []
+    if provider == "anthropic":
+        for thinking in row.reasoning_parts or ():
+            if thinking.get("provider_name") == "anthropic" and thinking.get("signature"):
+                parts.append(
+                    ThinkingPart(
+                        content=str(thinking.get("content") or ""),
+                        id=thinking.get("id"),  # type: ignore[arg-type]
+                        signature=str(thinking["signature"]),
+                        provider_name="anthropic",
+                    )
+                )
+    if row.content:
+        parts.append(TextPart(content=row.content))
+    for call in row.tool_calls or ():
+        function: dict[str, Any] = call["function"]  # type: ignore[assignment]
+        call_id = str(call["id"])
+        tool_names[call_id] = str(function["name"])
+        parts.append(
+            ToolCallPart(
+                tool_name=str(function["name"]),
+                args=str(function.get("arguments") or "{}"),
+                tool_call_id=call_id,
+            )
+        )
+    return ModelResponse(parts=parts)
 
 
 def to_model_message(role: str, text: str) -> ModelMessage:
-    """One stored or client message as pydantic-ai sees it."""
+    """One plain-text message as pydantic-ai sees it (background tasks)."""
     if role == "assistant":
         return ModelResponse(parts=[TextPart(content=text)])
     if role == "system":

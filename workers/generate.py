@@ -8,11 +8,12 @@ provider's SSE parsing, one list append and one buffered publish.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic_ai.direct import model_request_stream
 from pydantic_ai.exceptions import (
@@ -27,9 +28,12 @@ from pydantic_ai.messages import (
     PartStartEvent,
     TextPart,
     TextPartDelta,
+    ThinkingPart,
+    ThinkingPartDelta,
+    ToolCallPart,
+    ToolCallPartDelta,
 )
 from pydantic_ai.models import Model
-from pydantic_ai.settings import ModelSettings
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
@@ -43,7 +47,7 @@ from app.generations import (
     ttls,
 )
 from app.inflight import Inflight
-from app.llm import build_model, translate_model_error
+from app.llm import build_model, request_settings, translate_model_error
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher, fence_of
 from workers.context import load_context
@@ -66,7 +70,7 @@ async def generate(
     ctx: dict[str, Any],
     completion_id: str,
     *,
-    sampling: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
     request_id: str | None = None,
 ) -> str:
     """Generate the assistant turn stored under `completion_id`; return its final status."""
@@ -89,19 +93,54 @@ async def generate(
     if run is None:
         return "skipped"
     publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
-    return await _generate(st, message, publisher, sampling or {})
+    return await _generate(st, message, publisher, options or {})
+
+
+class Sink(Protocol):
+    """Where a model's deltas go, by kind."""
+
+    def delta(self, text: str) -> None: ...
+    def reasoning(self, text: str) -> None: ...
+    def tool(self, piece: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class _Progress:
-    """What a run has produced so far."""
+    """What a run has produced so far; forwards every delta to the run's publisher."""
 
-    parts: list[str]
+    publisher: Publisher
+    on_count: Callable[[int], None]
+    parts: list[str] = field(default_factory=list)
+    reasoning_parts: list[str] = field(default_factory=list)
     first_token_at: datetime | None = None
+    count: int = 0
+
+    def _seen(self) -> None:
+        if self.publisher.fenced:
+            raise Fenced(self.publisher.completion_id)
+        if self.first_token_at is None:
+            self.first_token_at = datetime.now(UTC)
+        self.count += 1
+        if self.count % PROGRESS_EVERY == 0:
+            self.on_count(self.count)
+
+    def delta(self, text: str) -> None:
+        self._seen()
+        self.parts.append(text)
+        self.publisher.delta(text)
+
+    def reasoning(self, text: str) -> None:
+        self._seen()
+        self.reasoning_parts.append(text)
+        self.publisher.reasoning(text)
+
+    def tool(self, piece: dict[str, Any]) -> None:
+        self._seen()
+        self.publisher.tool(piece)
 
 
 async def _generate(
-    st: WorkerState, message: Message, publisher: Publisher, sampling: dict[str, Any]
+    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any]
 ) -> str:
     completion_id = str(message.completion_id)
     inflight = Inflight(st.redis)
@@ -117,29 +156,21 @@ async def _generate(
     log.info("generation %s started on %s (run %d)", completion_id, message.model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
-    progress = _Progress(parts=[])
-
-    def on_delta(delta: str) -> None:
-        if publisher.fenced:
-            raise Fenced(completion_id)
-        if progress.first_token_at is None:
-            progress.first_token_at = datetime.now(UTC)
-        progress.parts.append(delta)
-        publisher.delta(delta)
-        if len(progress.parts) % PROGRESS_EVERY == 0:
-            st.batcher.later(inflight.progress(completion_id, entry, len(progress.parts)))
-
+    progress = _Progress(
+        publisher=publisher,
+        on_count=lambda n: st.batcher.later(inflight.progress(completion_id, entry, n)),
+    )
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
-            history, prompt = await load_context(message, limit=st.settings.context_messages)
-            result = await stream_model(
+            messages = await load_context(message, limit=st.settings.context_messages)
+            outcome = await stream_model(
                 st,
                 model_id=message.model or "",
-                messages=[*history, prompt],
-                sampling=sampling,
-                on_delta=on_delta,
+                messages=messages,
+                options=options,
+                sink=progress,
             )
-        ending.prompt_tokens, ending.completion_tokens, ending.finish_reason = result
+        outcome.apply(ending)
     except Fenced:
         log.warning("generation %s: this run was superseded; stopping it", completion_id)
         return "superseded"
@@ -192,6 +223,7 @@ async def _end(
     inflight: Inflight,
 ) -> None:
     ending.text = "".join(progress.parts)
+    ending.reasoning = "".join(progress.reasoning_parts)
     ending.first_token_at = progress.first_token_at
     try:
         await end_run(publisher, message, ending)
@@ -199,35 +231,44 @@ async def _end(
         await inflight.remove(str(message.completion_id))
 
 
+@dataclass
+class Outcome:
+    """What the model's response says beyond its deltas."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_parts: list[dict[str, Any]] | None = None
+
+    def apply(self, ending: Ending) -> None:
+        ending.prompt_tokens, ending.completion_tokens = self.prompt_tokens, self.completion_tokens
+        ending.finish_reason = self.finish_reason
+        ending.tool_calls, ending.reasoning_parts = self.tool_calls, self.reasoning_parts
+
+
 async def stream_model(
     st: WorkerState,
     *,
     model_id: str,
     messages: list[ModelMessage],
-    sampling: dict[str, Any],
-    on_delta: Callable[[str], None],
-) -> tuple[int, int, str]:
-    """Stream one model response, handing every text delta to `on_delta`.
+    options: dict[str, Any],
+    sink: Sink,
+) -> Outcome:
+    """Stream one model response into `sink`: content, reasoning and tool-call deltas.
 
     Transient upstream failures (rate limit with a known wait, overload, refused connection)
-    are retried with a bounded backoff, and only while no text has been sent: a failure
+    are retried with a bounded backoff, and only while nothing has been sent: a failure
     mid-stream is never retried silently. The SDKs' own retries are off so the bound is HAIA's.
-    Returns (prompt tokens, completion tokens, OpenAI finish reason).
     """
     settings = st.settings
-    sent = False
-
-    def forward(delta: str) -> None:
-        nonlocal sent
-        sent = True
-        on_delta(delta)
-
+    watched = _Watched(sink)
     for attempt in range(settings.llm_retries + 1):
         try:
-            return await _request(st, model_id, messages, sampling, forward)
+            return await _request(st, model_id, messages, options, watched)
         except _TRANSIENT as exc:
             wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
-            if sent or attempt == settings.llm_retries or wait is None:
+            if watched.sent or attempt == settings.llm_retries or wait is None:
                 raise
             log.info(
                 "upstream %s (%s); retry %d in %.1fs",
@@ -238,6 +279,26 @@ async def stream_model(
             )
             await asyncio.sleep(wait)
     raise AssertionError("unreachable")
+
+
+@dataclass
+class _Watched:
+    """A sink that remembers whether anything reached it (then no retry may repeat it)."""
+
+    inner: Sink
+    sent: bool = False
+
+    def delta(self, text: str) -> None:
+        self.sent = True
+        self.inner.delta(text)
+
+    def reasoning(self, text: str) -> None:
+        self.sent = True
+        self.inner.reasoning(text)
+
+    def tool(self, piece: dict[str, Any]) -> None:
+        self.sent = True
+        self.inner.tool(piece)
 
 
 _TRANSIENT = (ModelRateLimitError, ModelUnavailableError, ModelConnectionError)
@@ -258,27 +319,86 @@ async def _request(
     st: WorkerState,
     model_id: str,
     messages: list[ModelMessage],
-    sampling: dict[str, Any],
-    on_delta: Callable[[str], None],
-) -> tuple[int, int, str]:
-    model_settings = ModelSettings(timeout=st.settings.llm_timeout, max_retries=0, **sampling)  # type: ignore[typeddict-item]
+    options: dict[str, Any],
+    sink: Sink,
+) -> Outcome:
+    model_settings, parameters = request_settings(model_id, options, st.settings)
+    calls: dict[int, int] = {}  # response part index -> tool call index
     async with model_request_stream(
-        model_for(st, model_id), messages, model_settings=model_settings
+        model_for(st, model_id),
+        messages,
+        model_settings=model_settings,
+        model_request_parameters=parameters,
     ) as stream:
         async for event in stream:
             if isinstance(event, PartDeltaEvent):
-                if isinstance(event.delta, TextPartDelta) and event.delta.content_delta:
-                    on_delta(event.delta.content_delta)
-            elif (
-                isinstance(event, PartStartEvent)
-                and isinstance(event.part, TextPart)
-                and event.part.content
-            ):
-                on_delta(event.part.content)
+                _forward_delta(event.index, event.delta, sink, calls)
+            elif isinstance(event, PartStartEvent):
+                _forward_start(event.index, event.part, sink, calls)
         response = stream.get()
     finish_reason = response.finish_reason or "stop"
-    return (
-        response.usage.input_tokens,
-        response.usage.output_tokens,
-        _FINISH_REASONS.get(finish_reason, finish_reason),
+    tool_calls = [
+        {
+            "id": part.tool_call_id,
+            "type": "function",
+            "function": {"name": part.tool_name, "arguments": part.args_as_json_str()},
+        }
+        for part in response.parts
+        if isinstance(part, ToolCallPart)
+    ]
+    thinking = [
+        {
+            "content": part.content,
+            "id": part.id,
+            "signature": part.signature,
+            "provider_name": part.provider_name,
+        }
+        for part in response.parts
+        if isinstance(part, ThinkingPart) and part.signature
+    ]
+    if tool_calls and finish_reason == "stop":
+        finish_reason = "tool_call"
+    return Outcome(
+        prompt_tokens=response.usage.input_tokens,
+        completion_tokens=response.usage.output_tokens,
+        finish_reason=_FINISH_REASONS.get(finish_reason, finish_reason),
+        tool_calls=tool_calls or None,
+        reasoning_parts=thinking or None,
     )
+
+
+def _forward_start(index: int, part: Any, sink: Sink, calls: dict[int, int]) -> None:
+    if isinstance(part, TextPart):
+        if part.content:
+            sink.delta(part.content)
+    elif isinstance(part, ThinkingPart):
+        if part.content:
+            sink.reasoning(part.content)
+    elif isinstance(part, ToolCallPart):
+        calls[index] = len(calls)
+        args = part.args if isinstance(part.args, str) else part.args_as_json_str()
+        if part.args is None:
+            args = ""
+        sink.tool(
+            {
+                "index": calls[index],
+                "id": part.tool_call_id,
+                "name": part.tool_name,
+                "arguments": args,
+            }
+        )
+
+
+def _forward_delta(index: int, delta: Any, sink: Sink, calls: dict[int, int]) -> None:
+    if isinstance(delta, TextPartDelta):
+        if delta.content_delta:
+            sink.delta(delta.content_delta)
+    elif isinstance(delta, ThinkingPartDelta):
+        if delta.content_delta:
+            sink.reasoning(delta.content_delta)
+    elif isinstance(delta, ToolCallPartDelta) and index in calls:
+        args = delta.args_delta
+        if isinstance(args, dict):
+            args = json.dumps(args)
+        if args:
+            sink.tool({"index": calls[index], "arguments": args})

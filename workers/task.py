@@ -31,7 +31,7 @@ async def run_task(
     *,
     model_id: str,
     messages: list[tuple[str, str]],
-    sampling: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
     request_id: str | None = None,
 ) -> str:
     """Answer a background task; publish its events like a generation's."""
@@ -43,15 +43,15 @@ async def run_task(
     await publisher.start()
     *history, (_, prompt) = messages
     try:
-        prompt_tokens, completion_tokens, finish_reason = await stream_model(
+        outcome = await stream_model(
             st,
             model_id=model_id,
             messages=[
                 *(to_model_message(role, text) for role, text in history),
                 ModelRequest(parts=[UserPromptPart(content=prompt)]),  # tasks bring their own
             ],
-            sampling=sampling or {},
-            on_delta=publisher.delta,
+            options=options or {},
+            sink=publisher,
         )
     except Exception as exc:  # noqa: BLE001 - the client must hear of every failure
         error = exc if isinstance(exc, HaiaError) else translate_model_error(exc, model_id=model_id)
@@ -67,10 +67,12 @@ async def run_task(
         await asyncio.shield(publisher.end(end))
         return "failed"
     usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
     }
-    end = Event(seq=0, type="end", status="completed", finish_reason=finish_reason, usage=usage)
+    end = Event(
+        seq=0, type="end", status="completed", finish_reason=outcome.finish_reason, usage=usage
+    )
     await publisher.end(end)
     return "completed"

@@ -85,6 +85,16 @@ class Message(Model):
     request_id = fields.CharField(max_length=128, null=True)
     attempt = fields.IntField(default=0)
     """Fencing token: bumped by every run a worker starts; only the current run may end it."""
+    parts: list[dict[str, object]] | None = fields.JSONField(null=True)
+    """Array content (text and images) as the client sent it, images by `Blob` reference."""
+    reasoning = fields.TextField(default="")
+    """The model's thinking, kept apart from `content` and never sent back as content."""
+    reasoning_parts: list[dict[str, object]] | None = fields.JSONField(null=True)
+    """Thinking blocks with their provider signatures, sent back as Anthropic requires."""
+    tool_calls: list[dict[str, object]] | None = fields.JSONField(null=True)
+    """An assistant turn's calls of client tools, in the OpenAI shape."""
+    tool_call_id = fields.CharField(max_length=200, null=True)
+    """A `tool` turn: the call it answers."""
     prefix_hash = fields.CharField(max_length=64, null=True, db_index=True)
     """Digest of the conversation up to and including this message (finds resent histories)."""
     created_at = fields.DatetimeField(auto_now_add=True)
@@ -95,3 +105,16 @@ class Message(Model):
     class Meta:
         table = "haia_message"
         ordering = ("id",)
+
+
+class Blob(Model):
+    """An image a message carried (a `data:` URL), stored once by content digest: conversations
+    resend the same picture every turn, and message rows stay small."""
+
+    sha256 = fields.CharField(max_length=64, primary_key=True)
+    media_type = fields.CharField(max_length=100)
+    data = fields.BinaryField()
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "haia_blob"

@@ -15,9 +15,16 @@ from sanic_ext.extensions.openapi.definitions import Component
 from app import keys
 from app.context import Services, services
 from app.db.models import Status
-from app.errors import Unavailable
+from app.errors import InvalidRequest, Unavailable
 from app.events import Event
-from app.generations import abort_job, end_as, no_worker_error
+from app.generations import (
+    abort_job,
+    end_as,
+    no_worker_error,
+    reasoning_of,
+    text_of,
+    tool_calls_of,
+)
 from app.inflight import Inflight
 from app.logs import request_id_var
 from app.openapi import errors, register, stream_events
@@ -28,6 +35,7 @@ from app.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    ToolCall,
     Usage,
 )
 from app.streaming import StreamTarget, failure, first_event, open_stream, relay
@@ -72,6 +80,14 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         request, within=svc.settings.request_timeout, max_bytes=svc.settings.max_body_bytes
     )
     body = parse_body(request, ChatCompletionRequest)
+    unsupported = body.unsupported_part()
+    if unsupported is not None:
+        param, kind = unsupported
+        raise InvalidRequest(
+            f"Content parts of type {kind!r} cannot be sent to a model "
+            f"({param}); HAIA passes 'text' and 'image_url' parts.",
+            param=param,
+        )
     if is_task(body):
         return await _answer_task(request, svc, body)
     model = await svc.catalog.resolve(body.model)
@@ -86,7 +102,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             model=model,
             request_id=request_id_var.get(),
         )
-        await _enqueue(svc, turn, "generate", sampling=body.sampling())
+        await _enqueue(svc, turn, "generate", options=body.options())
         headers = {CONVERSATION_HEADER: turn.conversation_id}
         if body.stream:
             await _stream(request, follower, turn, body.include_usage, headers)
@@ -108,7 +124,7 @@ async def _answer_task(
             svc,
             turn,
             "run_task",
-            sampling=body.sampling(),
+            options=body.options(),
             model_id=model,
             messages=[(m.role, m.text) for m in body.messages],
         )
@@ -204,27 +220,30 @@ async def _stream(
 
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatCompletion:
-    parts: list[str] = []
+    deltas: list[Event] = []
     events = follower.events()
     pending = await _await_worker(svc, events, turn)
     async for event in _chain(pending, events):
         if event is None or event.type == "start":
             continue
         if event.type == "delta":
-            parts.append(event.text)
+            deltas.append(event)
             continue
         if event.status in (Status.FAILED, Status.INTERRUPTED):
             raise failure(event)
+        tool_calls, text = tool_calls_of(deltas), text_of(deltas)
+        message = AssistantMessage(
+            content=text if text or not tool_calls else None,
+            reasoning_content=reasoning_of(deltas) or None,
+            tool_calls=[ToolCall.model_validate(call) for call in tool_calls]
+            if tool_calls
+            else None,
+        )
         return ChatCompletion(
             id=turn.completion_id,
             created=turn.created,
             model=turn.model,
-            choices=[
-                Choice(
-                    message=AssistantMessage(content="".join(parts)),
-                    finish_reason=event.finish_reason or "stop",
-                )
-            ],
+            choices=[Choice(message=message, finish_reason=event.finish_reason or "stop")],
             usage=Usage(**event.usage) if event.usage else Usage(),
         )
     raise Unavailable("The generation ended without a result.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import replace
+from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
@@ -15,7 +17,15 @@ from app.context import Services, services
 from app.db.models import FINISHED, Message, Status
 from app.errors import InvalidRequest, NotFound
 from app.events import Event
-from app.generations import Ending, abort_job, end_as, logged_events, text_of
+from app.generations import (
+    Ending,
+    abort_job,
+    end_as,
+    logged_events,
+    reasoning_of,
+    text_of,
+    tool_calls_of,
+)
 from app.openapi import errors, integer, returns, stream_events
 from app.schemas import (
     AssistantMessage,
@@ -23,6 +33,7 @@ from app.schemas import (
     ErrorDetail,
     StoredCompletion,
     Timings,
+    ToolCall,
     Usage,
 )
 from app.streaming import StreamTarget, open_stream, relay
@@ -50,11 +61,12 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
     """The completion as stored; while it runs, the text so far comes from its replay log, and
     once the log announced its end (the row is written right after), the outcome too."""
     text, status, finish_reason = message.content, message.status, message.finish_reason
+    reasoning, tool_calls = message.reasoning, message.tool_calls
     usage = Usage.of(message.prompt_tokens, message.completion_tokens)
     error = message.error
     if message.status not in FINISHED:
         events = await logged_events(svc.redis, str(message.completion_id))
-        text = text_of(events)
+        text, reasoning, tool_calls = text_of(events), reasoning_of(events), tool_calls_of(events)
         if events and events[-1].is_terminal:
             ending = Ending.from_log(events)
             status, finish_reason, error = ending.status, ending.finish_reason, ending.detail()
@@ -65,7 +77,18 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
         model=message.model or "",
         status=status.value,
         conversation_id=message.conversation_id,  # type: ignore[attr-defined]
-        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)],
+        choices=[
+            Choice(
+                message=AssistantMessage(
+                    content=text if text or not tool_calls else None,
+                    reasoning_content=reasoning or None,
+                    tool_calls=[ToolCall.model_validate(c) for c in tool_calls]
+                    if tool_calls
+                    else None,
+                ),
+                finish_reason=finish_reason,
+            )
+        ],
         usage=usage,
         timings=Timings(
             created_at=message.created_at,
@@ -139,12 +162,24 @@ async def stream_completion(request: Request, completion_id: str) -> None:
 
 
 async def _from_database(message: Message, after: int) -> AsyncGenerator[Event | None, None]:
-    """A finished generation whose replay log expired: its stored text as one delta."""
-    if after == 0 and message.content:
-        yield Event(seq=1, type="delta", text=message.content)
+    """A finished generation whose replay log expired: what it stored, one delta per kind."""
+    replay: list[Event] = []
+    if message.reasoning:
+        replay.append(Event(seq=0, type="delta", reasoning=message.reasoning))
+    if message.content:
+        replay.append(Event(seq=0, type="delta", text=message.content))
+    for index, call in enumerate(message.tool_calls or ()):
+        function: dict[str, Any] = call["function"]  # type: ignore[assignment]
+        piece = {"index": index, "id": call["id"], "name": function["name"]}
+        replay.append(
+            Event(seq=0, type="delta", tool={**piece, **{"arguments": function["arguments"]}})
+        )
+    for seq, event in enumerate(replay, start=2):
+        if seq > after:
+            yield replace(event, seq=seq)
     usage = Usage.of(message.prompt_tokens, message.completion_tokens)
     yield Event(
-        seq=2,
+        seq=len(replay) + 2,
         type="end",
         status=message.status.value,
         finish_reason=message.finish_reason,

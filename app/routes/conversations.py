@@ -9,6 +9,7 @@ from tortoise.expressions import Q
 from tortoise.functions import Count
 
 from app import keys
+from app.content import data_urls, with_data_urls
 from app.context import services
 from app.db.models import FINISHED, Conversation, Message
 from app.errors import InvalidRequest, NotFound
@@ -21,6 +22,7 @@ from app.schemas import (
     Deleted,
     ErrorDetail,
     StoredMessage,
+    ToolCall,
     Usage,
 )
 from app.turns import looks_like_conversation_id
@@ -88,11 +90,16 @@ async def list_conversations(request: Request) -> HTTPResponse:
     return json_response(body.model_dump(mode="json"))
 
 
-def _stored(message: Message) -> StoredMessage:
+def _stored(message: Message, blobs: dict[str, str]) -> StoredMessage:
     return StoredMessage(
         id=message.id,
         role=message.role,
-        content=message.content,
+        content=with_data_urls(message.parts, blobs) if message.parts else message.content,
+        reasoning_content=message.reasoning or None,
+        tool_calls=[ToolCall.model_validate(call) for call in message.tool_calls]
+        if message.tool_calls
+        else None,
+        tool_call_id=message.tool_call_id,
         status=message.status.value,
         model=message.model,
         completion_id=message.completion_id,
@@ -110,9 +117,10 @@ def _stored(message: Message) -> StoredMessage:
 async def get_conversation(request: Request, conversation_id: str) -> HTTPResponse:
     conversation = await _conversation(request, conversation_id)
     messages = await Message.filter(conversation=conversation).order_by("id")
+    blobs = await data_urls(messages)
     detail = ConversationDetail(
         **_summary(conversation, len(messages)).model_dump(),
-        messages=[_stored(message) for message in messages],
+        messages=[_stored(message, blobs) for message in messages],
     )
     return json_response(detail.model_dump(mode="json"))
 
