@@ -168,10 +168,11 @@ def request_settings(
     choice = options.get("tool_choice")
     if choice is not None:
         values["tool_choice"] = [choice["name"]] if isinstance(choice, dict) else choice
-    if "reasoning_effort" in options:
-        values["thinking"] = _THINKING[options["reasoning_effort"]]
+    effort = options.get("reasoning_effort")
     user = options.get("user")
     if provider == "anthropic":
+        if effort is not None:
+            values["thinking"] = _THINKING[effort]  # pydantic-ai turns it into a budget
         values.pop("logit_bias", None)  # not an Anthropic parameter
         values.pop("presence_penalty", None)
         values.pop("frequency_penalty", None)
@@ -179,6 +180,8 @@ def request_settings(
         if user:
             values["anthropic_metadata"] = {"user_id": user}
     else:
+        if effort is not None:
+            values["openai_reasoning_effort"] = effort  # as the client sent it
         if user:
             values["openai_user"] = user
         if "response_format" in options:
