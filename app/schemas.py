@@ -162,6 +162,30 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("the last message must have role 'user' or 'tool'")
         return self
 
+    def tool_result_problem(self, *, continues: bool) -> tuple[str, str] | None:
+        """(param, message) for a `tool` message that answers no call, if any.
+
+        A call is declared by an earlier assistant message's `tool_calls` in the request; a
+        request that continues a stored conversation may answer a stored call instead.
+        """
+        declared: set[str] = set()
+        seen_assistant = False
+        for index, message in enumerate(self.messages):
+            if message.role == "assistant":
+                seen_assistant = True
+                declared.update(call.id for call in message.tool_calls or ())
+            if message.role != "tool":
+                continue
+            if not message.tool_call_id:
+                return f"messages[{index}].tool_call_id", "a tool message needs its tool_call_id"
+            if message.tool_call_id in declared or (continues and not seen_assistant):
+                continue
+            return (
+                f"messages[{index}].tool_call_id",
+                f"no earlier assistant message calls a tool with id {message.tool_call_id!r}",
+            )
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -37,7 +37,7 @@ from pydantic_ai.models import Model
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
-from app.errors import HaiaError, UpstreamTimeout
+from app.errors import HaiaError, InvalidRequest, UpstreamTimeout
 from app.generations import (
     Ending,
     end_as,
@@ -205,6 +205,8 @@ def _failure(exc: Exception, st: WorkerState, message: Message, *, timed_out: bo
         )
     if isinstance(exc, HaiaError):
         return exc
+    if isinstance(exc, LookupError):  # from load_context: the stored turn has nothing to answer
+        return InvalidRequest(f"Nothing to answer: {exc}.", param="messages")
     return translate_model_error(exc, model_id=message.model or "")
 
 

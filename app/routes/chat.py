@@ -88,6 +88,12 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             f"({param}); HAIA passes 'text' and 'image_url' parts.",
             param=param,
         )
+    continues = bool(
+        request.headers.get(CONVERSATION_HEADER) or request.headers.get(CHAT_ID_HEADER)
+    )
+    problem = body.tool_result_problem(continues=continues)
+    if problem is not None:
+        raise InvalidRequest(f"Invalid tool message: {problem[1]}.", param=problem[0])
     if is_task(body):
         return await _answer_task(request, svc, body)
     model = await svc.catalog.resolve(body.model)
