@@ -5,6 +5,8 @@ the last user message, so tests drive it through HAIA like a real user would:
 
     #fake tokens=40 delay=0.01 first=0.5 status=429 retry_after=2 cut=5 hang garbage
     #fake status=503 fail=2     (the first 2 requests with this text fail, later ones succeed)
+    #fake tokens=40 rate=20     (20 tokens/s on a fixed schedule: a late tick does not slow the
+                                 rest, as `delay` would; for load benchmarks)
 
 Without a directive it answers "Echo: <the user's text>" word by word. `GET /_requests`
 returns every chat request it received (bodies as sent); `DELETE /_requests` forgets them.
@@ -140,13 +142,18 @@ async def _stream(
         await response.send(f"data: {json.dumps(chunk)}\n\n")
 
     delay, cut = float(options.get("delay", 0)), int(options.get("cut", -1))
+    rate = float(options.get("rate", 0))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     await send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
     for i, token in enumerate(tokens):
         if i == cut:
             request.transport.close()
             return
         await send([{"index": 0, "delta": {"content": token}, "finish_reason": None}])
-        if delay:
+        if rate:
+            await asyncio.sleep(max(0.0, started + (i + 1) / rate - loop.time()))
+        elif delay:
             await asyncio.sleep(delay)
     await send([{"index": 0, "delta": {}, "finish_reason": "stop"}])
     if (body.get("stream_options") or {}).get("include_usage"):
@@ -158,5 +165,10 @@ async def _stream(
 if __name__ == "__main__":
     fake = create_app()
     fake.run(
-        host="127.0.0.1", port=int(sys.argv[1]), single_process=True, access_log=False, motd=False
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        single_process=True,
+        access_log=False,
+        motd=False,
+        backlog=4096,  # load benchmarks open 1,000 connections at once; Sanic's default is 100
     )
