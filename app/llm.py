@@ -83,7 +83,7 @@ async def discover_ollama_models(settings: Settings, client: httpx.AsyncClient) 
     return [f"ollama:{item['id']}" for item in data if isinstance(item, dict) and item.get("id")]
 
 
-_CREDENTIAL_VARIABLES = {
+CREDENTIAL_VARIABLES = {
     "ollama": "OLLAMA_BASE_URL",
     "anthropic": "ANTHROPIC_API_KEY",
     "openai-chat": "OPENAI_API_KEY",
@@ -99,7 +99,7 @@ def translate_model_error(exc: BaseException, *, model_id: str) -> HaiaError:
         return UpstreamTimeout(f"{server} did not answer within HAIA_LLM_TIMEOUT.")
     if isinstance(exc, ModelConnectionError):
         return Unavailable(
-            f"{server} is unreachable; check {_BASE_URL_VARIABLES[provider]}.",
+            f"{server} is unreachable; check {BASE_URL_VARIABLES[provider]}.",
             retry_after=retry_after,
         )
     if isinstance(exc, ModelAPIError):
@@ -115,7 +115,7 @@ def _translate_api_error(
     if isinstance(exc, ModelQuotaExceededError):
         return RateLimited(
             f"{server} says HAIA's account is out of quota or credit; "
-            f"check the plan behind {_CREDENTIAL_VARIABLES[provider]}.",
+            f"check the plan behind {CREDENTIAL_VARIABLES[provider]}.",
             code="insufficient_quota",
         )
     if isinstance(exc, ModelRateLimitError):
@@ -124,7 +124,7 @@ def _translate_api_error(
         return Unavailable(f"{server} is overloaded; try again shortly.", retry_after=retry_after)
     if isinstance(exc, ModelAuthenticationError):
         return Unauthorized(
-            f"{server} rejected HAIA's credentials; check {_CREDENTIAL_VARIABLES[provider]}.",
+            f"{server} rejected HAIA's credentials; check {CREDENTIAL_VARIABLES[provider]}.",
             code="upstream_authentication_failed",
         )
     if isinstance(exc, ModelNotFoundError):
@@ -135,7 +135,7 @@ def _translate_api_error(
     return UpstreamError(f"{server} failed" + (f" (status {status})." if status else "."))
 
 
-_BASE_URL_VARIABLES = {
+BASE_URL_VARIABLES = {
     "ollama": "OLLAMA_BASE_URL",
     "anthropic": "ANTHROPIC_BASE_URL",
     "openai-chat": "OPENAI_BASE_URL",
@@ -198,4 +198,14 @@ def request_settings(
     return (
         cast(ModelSettings, values),
         ModelRequestParameters(function_tools=tools, allow_text_output=True),
+    )
+
+
+def openai_endpoint(provider: str, settings: Settings) -> tuple[str, str | None]:
+    """(base URL, API key) of an OpenAI-compatible provider (`ollama`, `openai-chat`)."""
+    if provider == "ollama":
+        return settings.ollama_base_url, None
+    return (
+        settings.openai_base_url or "https://api.openai.com/v1",
+        _secret(settings.openai_api_key),
     )

@@ -113,6 +113,24 @@ class ResponseFormat(BaseModel):
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 _SUPPORTED_PARTS = ("text", "image_url")
+_PASS_THROUGH = {
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "reasoning_effort",
+    "user",
+}
+"""Fields an OpenAI-compatible upstream receives exactly as the client sent them."""
 
 
 class ChatCompletionRequest(BaseModel):
@@ -232,6 +250,7 @@ class ChatCompletionRequest(BaseModel):
             options["reasoning_effort"] = self.reasoning_effort
         if self.user is not None:
             options["user"] = self.user
+        options["openai"] = self.model_dump(include=_PASS_THROUGH, exclude_none=True)
         return options
 
     def sampling(self) -> dict[str, Any]:

@@ -47,6 +47,12 @@ async def sdk(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
         yield client
 
 
+async def conversation(stack: Stack, conversation_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.get(f"{stack.base_url}/v1/conversations/{conversation_id}")
+    return dict(response.json())
+
+
 async def last_request(stack: Stack) -> dict[str, Any]:
     requests = await stack.upstream_requests()
     assert requests, "the upstream received nothing"
@@ -148,7 +154,7 @@ async def test_images_reach_the_model_are_stored_once_and_come_back_as_context(
     blobs = await dbcheck.query(stack.database_url, "SELECT media_type FROM haia_blob")
     assert [b["media_type"] for b in blobs].count("image/png") == 1
 
-    detail = httpx.get(f"{stack.base_url}/v1/conversations/{conversation_id}").json()
+    detail = await conversation(stack, conversation_id)
     shown = detail["messages"][0]["content"]
     assert shown[1]["image_url"]["url"] == PNG_URL
 
@@ -224,7 +230,7 @@ async def test_tool_results_in_history_are_stored_once_and_sent_in_order(
         "user",
         "assistant",
     ]
-    detail = httpx.get(f"{stack.base_url}/v1/conversations/{conversation_id}").json()
+    detail = await conversation(stack, conversation_id)
     assert detail["messages"][1]["tool_calls"][0]["id"] == "call_1"
     assert detail["messages"][2]["tool_call_id"] == "call_1"
 

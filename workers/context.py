@@ -7,7 +7,9 @@ go back with their assistant turn to an Anthropic model, as its tool loop requir
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic_ai.messages import (
@@ -28,15 +30,42 @@ from pydantic_ai.messages import (
 )
 from tortoise.expressions import Q
 
-from app.content import BLOB_SCHEME
+from app.content import BLOB_SCHEME, with_data_urls
 from app.db.models import Blob, Message, Status
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 
 
-async def load_context(assistant: Message, *, limit: int) -> list[ModelMessage]:
+@dataclass
+class Context:
+    """The stored messages a turn's model request carries, and the images they reference."""
+
+    rows: list[Message]
+    blobs: dict[str, Blob]
+    provider: str
+
+    def model_messages(self) -> list[ModelMessage]:
+        """As pydantic-ai messages, the last request carrying HAIA's instructions."""
+        messages = to_model_messages(self.rows, blobs=self.blobs, provider=self.provider)
+        last = messages[-1]
+        assert isinstance(last, ModelRequest)
+        messages[-1] = ModelRequest(parts=last.parts, instructions=HOMELAB_ASSISTANT_PROMPT)
+        return messages
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        """In the OpenAI Chat Completions shape, HAIA's instructions after the system
+        messages."""
+        system = [row for row in self.rows if row.role == "system"]
+        rest = [row for row in self.rows if row.role != "system"]
+        return [
+            *({"role": "system", "content": row.content} for row in system),
+            {"role": "system", "content": HOMELAB_ASSISTANT_PROMPT},
+            *(_openai_message(row, self.blobs) for row in rest),
+        ]
+
+
+async def load_context(assistant: Message, *, limit: int) -> Context:
     """The conversation's system messages, then the last `limit` other messages before the new
-    turn and that turn (a user message, or tool results), the last request carrying HAIA's
-    instructions.
+    turn and that turn (a user message, or tool results).
 
     Failed or empty assistant turns are left out: the model should not see them. A window that
     would start with tool results whose call it cut off starts after them instead.
@@ -59,11 +88,7 @@ async def load_context(assistant: Message, *, limit: int) -> list[ModelMessage]:
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     blobs = await _blobs([*system, *rows])
     provider = (assistant.model or "").partition(":")[0]
-    messages = to_model_messages([*system, *rows], blobs=blobs, provider=provider)
-    last = messages[-1]
-    assert isinstance(last, ModelRequest)
-    messages[-1] = ModelRequest(parts=last.parts, instructions=HOMELAB_ASSISTANT_PROMPT)
-    return messages
+    return Context(rows=[*system, *rows], blobs=blobs, provider=provider)
 
 
 async def _blobs(rows: Sequence[Message]) -> dict[str, Blob]:
@@ -155,6 +180,26 @@ def _response(row: Message, provider: str, tool_names: dict[str, str]) -> ModelR
             )
         )
     return ModelResponse(parts=parts)
+
+
+def _openai_message(row: Message, blobs: dict[str, Blob]) -> dict[str, Any]:
+    if row.role == "tool":
+        return {"role": "tool", "tool_call_id": row.tool_call_id or "", "content": row.content}
+    if row.role == "assistant":
+        message: dict[str, Any] = {"role": "assistant", "content": row.content or None}
+        if row.tool_calls:
+            message["tool_calls"] = row.tool_calls
+        return message
+    if not row.parts:
+        return {"role": row.role, "content": row.content}
+    return {"role": row.role, "content": with_data_urls(row.parts, _data_urls(blobs))}
+
+
+def _data_urls(blobs: dict[str, Blob]) -> dict[str, str]:
+    return {
+        sha: f"data:{blob.media_type};base64,{base64.b64encode(blob.data).decode()}"
+        for sha, blob in blobs.items()
+    }
 
 
 def to_model_message(role: str, text: str) -> ModelMessage:

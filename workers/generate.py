@@ -37,7 +37,7 @@ from pydantic_ai.models import Model
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
-from app.errors import HaiaError, InvalidRequest, UpstreamTimeout
+from app.errors import HaiaError, InvalidRequest, RateLimited, UpstreamTimeout
 from app.generations import (
     Ending,
     end_as,
@@ -47,10 +47,17 @@ from app.generations import (
     ttls,
 )
 from app.inflight import Inflight
-from app.llm import build_model, request_settings, translate_model_error
+from app.llm import (
+    build_model,
+    openai_endpoint,
+    request_settings,
+    split_model_id,
+    translate_model_error,
+)
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher, fence_of
 from workers.context import load_context
+from workers.openai_wire import Endpoint, Transient
 from workers.state import WorkerState, state
 
 log = logging.getLogger(__name__)
@@ -162,11 +169,11 @@ async def _generate(
     )
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
-            messages = await load_context(message, limit=st.settings.context_messages)
+            context = await load_context(message, limit=st.settings.context_messages)
             outcome = await stream_model(
                 st,
                 model_id=message.model or "",
-                messages=messages,
+                prompt=context,
                 options=options,
                 sink=progress,
             )
@@ -249,11 +256,18 @@ class Outcome:
         ending.tool_calls, ending.reasoning_parts = self.tool_calls, self.reasoning_parts
 
 
+class Prompt(Protocol):
+    """What a model request carries, renderable for either wire."""
+
+    def model_messages(self) -> list[ModelMessage]: ...
+    def openai_messages(self) -> list[dict[str, Any]]: ...
+
+
 async def stream_model(
     st: WorkerState,
     *,
     model_id: str,
-    messages: list[ModelMessage],
+    prompt: Prompt,
     options: dict[str, Any],
     sink: Sink,
 ) -> Outcome:
@@ -267,10 +281,14 @@ async def stream_model(
     watched = _Watched(sink)
     for attempt in range(settings.llm_retries + 1):
         try:
-            return await _request(st, model_id, messages, options, watched)
-        except _TRANSIENT as exc:
+            if model_id.partition(":")[0] in OPENAI_WIRE_PROVIDERS:
+                return await _request_openai(st, model_id, prompt, options, watched)
+            return await _request(st, model_id, prompt.model_messages(), options, watched)
+        except (*_TRANSIENT, Transient) as exc:
             wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
             if watched.sent or attempt == settings.llm_retries or wait is None:
+                if isinstance(exc, Transient):
+                    raise exc.error from None
                 raise
             log.info(
                 "upstream %s (%s); retry %d in %.1fs",
@@ -311,10 +329,65 @@ def _retry_wait(exc: Exception, attempt: int, max_wait: float) -> float | None:
     if isinstance(exc, ModelTimeoutError):
         return None  # silence past HAIA_LLM_TIMEOUT is not transient
     retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, Transient) and isinstance(exc.error, RateLimited) and retry_after is None:
+        return None
     if isinstance(exc, ModelRateLimitError) and retry_after is None:
         return None  # e.g. a spend limit: waiting will not help
     wait = float(retry_after) if retry_after is not None else min(0.5 * 2**attempt, 8.0)
     return wait if wait <= max_wait else None
+
+
+OPENAI_WIRE_PROVIDERS = frozenset({"ollama", "openai-chat"})
+
+
+async def _request_openai(
+    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
+) -> Outcome:
+    provider, name = split_model_id(model_id)
+    base_url, api_key = openai_endpoint(provider, st.settings)
+    body: dict[str, Any] = {
+        **options.get("openai", {}),
+        "model": name,
+        "messages": prompt.openai_messages(),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    collector = _ToolCalls(sink)
+    result = await st.wire.stream(Endpoint(provider, base_url, api_key), body, collector)
+    usage = result.get("usage") or {}
+    return Outcome(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason=_FINISH_REASONS.get(result["finish_reason"], result["finish_reason"]),
+        tool_calls=collector.calls(),
+    )
+
+
+@dataclass
+class _ToolCalls:
+    """Forwards deltas, assembling the tool calls for storage on the way."""
+
+    inner: Sink
+    pieces: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def delta(self, text: str) -> None:
+        self.inner.delta(text)
+
+    def reasoning(self, text: str) -> None:
+        self.inner.reasoning(text)
+
+    def tool(self, piece: dict[str, Any]) -> None:
+        call = self.pieces.setdefault(
+            piece["index"],
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        call["id"] = piece.get("id") or call["id"]
+        call["function"]["name"] = piece.get("name") or call["function"]["name"]
+        call["function"]["arguments"] += piece.get("arguments") or ""
+        self.inner.tool(piece)
+
+    def calls(self) -> list[dict[str, Any]] | None:
+        return [self.pieces[index] for index in sorted(self.pieces)] or None
 
 
 async def _request(

@@ -25,6 +25,7 @@ from app.logs import setup_logging
 from app.publish import Batcher
 from workers.generate import generate
 from workers.heartbeat import Heartbeat
+from workers.openai_wire import OpenAIWire
 from workers.state import WorkerState, state
 from workers.task import run_task
 
@@ -141,6 +142,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await open_database(st.settings.database_url)
     st.batcher = Batcher(st.redis)
     st.batcher.start()
+    st.wire = OpenAIWire(timeout=st.settings.llm_timeout)
     st.heartbeat = Heartbeat(
         st.redis_url, keys.worker_heartbeat(st.worker_id), ttl=st.settings.worker_dead_after
     )
@@ -155,6 +157,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if task is not None:
         task.cancel()
     await st.batcher.stop()
+    await st.wire.aclose()
     await asyncio.to_thread(st.heartbeat.stop)
     await close_database()
 

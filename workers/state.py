@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.publish import Batcher
 from workers.heartbeat import Heartbeat
+from workers.openai_wire import OpenAIWire
 
 
 @dataclass
@@ -21,6 +22,7 @@ class WorkerState:
     redis: Redis = field(init=False)
     batcher: Batcher = field(init=False)
     heartbeat: Heartbeat = field(init=False)
+    wire: OpenAIWire = field(init=False)
     models: dict[str, Model] = field(default_factory=dict)
     shutting_down: bool = False
     """Set on SIGINT/SIGTERM: a cancelled job is being handed back, not cancelled by a user."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic_ai.messages import ModelRequest, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
 
 from app.errors import HaiaError
 from app.events import Event
@@ -23,6 +24,23 @@ from workers.generate import stream_model
 from workers.state import state
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskPrompt:
+    """A task's messages as the client sent them; tasks bring their own instructions."""
+
+    messages: list[tuple[str, str]]
+
+    def model_messages(self) -> list[ModelMessage]:
+        *history, (_, prompt) = self.messages
+        return [
+            *(to_model_message(role, text) for role, text in history),
+            ModelRequest(parts=[UserPromptPart(content=prompt)]),
+        ]
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        return [{"role": role, "content": text} for role, text in self.messages]
 
 
 async def run_task(
@@ -41,15 +59,11 @@ async def run_task(
     await claim(st.redis, completion_id, token, ttls(st.settings))
     publisher = Publisher(st.redis, completion_id, token, ttls(st.settings), st.batcher)
     await publisher.start()
-    *history, (_, prompt) = messages
     try:
         outcome = await stream_model(
             st,
             model_id=model_id,
-            messages=[
-                *(to_model_message(role, text) for role, text in history),
-                ModelRequest(parts=[UserPromptPart(content=prompt)]),  # tasks bring their own
-            ],
+            prompt=TaskPrompt(messages),
             options=options or {},
             sink=publisher,
         )
