@@ -22,6 +22,7 @@ from app.config import Settings
 from app.db.models import Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
+from app.metrics import record_generation
 from app.publish import Publisher
 from app.schemas import Usage
 from app.turns import digest
@@ -132,6 +133,15 @@ async def finish(message: Message, publisher: Publisher, ending: Ending) -> None
         usage=ending.usage(),
         error=detail,
         extra=extra,
+    )
+    first, created = message.first_token_at, message.created_at
+    await record_generation(
+        publisher._redis,
+        model=message.model or "unknown",
+        status=ending.status.value,
+        ttft_seconds=(first - created).total_seconds() if first and created else None,
+        prompt_tokens=ending.prompt_tokens,
+        completion_tokens=ending.completion_tokens,
     )
 
 

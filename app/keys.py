@@ -48,3 +48,17 @@ def arq_in_progress(job_id: str) -> str:
 
 def arq_retry(job_id: str) -> str:
     return retry_key_prefix + job_id
+
+
+WORKER_PATTERN = f"{PREFIX}worker:*"
+"""Matches every live worker's heartbeat key: what `/health`, `/metrics` and the reaper trust."""
+
+METRICS_HTTP = f"{PREFIX}metrics:http_requests"
+"""Hash: JSON `[route, status]` → requests answered by every web process."""
+METRICS_GENERATIONS = f"{PREFIX}metrics:generations"
+"""Hash: JSON `[model, status]` → generations ended."""
+METRICS_TOKENS = f"{PREFIX}metrics:tokens"
+"""Hash: JSON `[model, kind]` (kind `prompt` or `completion`) → tokens counted."""
+METRICS_TTFT = f"{PREFIX}metrics:ttft"
+"""Hash: JSON `[model, bucket]` → generations whose first token came within that bucket (not
+cumulative; `+Inf` for the last), and `[model, "sum"]` / `[model, "count"]`."""

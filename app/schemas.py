@@ -249,11 +249,18 @@ class Deleted(BaseModel):
 
 
 class Check(BaseModel):
-    status: str
+    """One component of `/health`: `status` always; the rest only for a caller with a key."""
+
+    status: Literal["ok", "down", "unreachable"]
     detail: str | None = None
-    models: int | None = None
+    models: int | None = Field(default=None, description="models the upstreams offer")
+    count: int | None = Field(default=None, description="live workers")
+    ids: list[str] | None = Field(default=None, description="live workers' ids")
 
 
 class HealthReport(BaseModel):
+    """`GET /health`: `checks` has `database`, `redis`, `workers` and `upstream`."""
+
     status: Literal["ok", "unavailable"]
+    auth: Literal["on", "off"] = Field(description="whether HAIA_API_KEYS is set")
     checks: dict[str, Check]
