@@ -1,3 +1,4 @@
 from app.main import main
 
-main()
+if __name__ == "__main__":  # Sanic's worker processes import this module again: no re-run
+    main()

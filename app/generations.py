@@ -32,6 +32,7 @@ from app.db.models import ACTIVE, Conversation, Message, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
 from app.inflight import Inflight
+from app.metrics import record_generation
 from app.publish import Fenced, Publisher, Ttls, append, claim, fence_of
 from app.schemas import Usage
 from app.turns import digest
@@ -222,6 +223,15 @@ async def end_run(publisher: Publisher, message: Message, ending: Ending) -> boo
         publisher.fenced = True
         return False
     await _announce(publisher, ending)
+    first = message.first_token_at or ending.first_token_at
+    await record_generation(
+        publisher.redis,
+        model=message.model or "unknown",
+        status=ending.status.value,
+        ttft_seconds=(first - message.created_at).total_seconds() if first else None,
+        prompt_tokens=ending.prompt_tokens,
+        completion_tokens=ending.completion_tokens,
+    )
     if stored is None:
         await store_ending(message, ending, token=publisher.token, within=STORE_RETRY_WINDOW)
     return True

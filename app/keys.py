@@ -53,3 +53,17 @@ def arq_retry(job_id: str) -> str:
 def gen_fence(completion_id: str) -> str:
     """Which run may write the generation's events: its attempt number, or `end` once ended."""
     return f"{PREFIX}gen:{completion_id}:fence"
+
+
+WORKER_PATTERN = f"{PREFIX}worker:*"
+"""Matches every live worker's heartbeat key: what `/health`, `/metrics` and the reaper trust."""
+
+METRICS_HTTP = f"{PREFIX}metrics:http_requests"
+"""Hash: JSON `[route, status]` → requests answered by every web process."""
+METRICS_GENERATIONS = f"{PREFIX}metrics:generations"
+"""Hash: JSON `[model, status]` → generations ended."""
+METRICS_TOKENS = f"{PREFIX}metrics:tokens"
+"""Hash: JSON `[model, kind]` (kind `prompt` or `completion`) → tokens counted."""
+METRICS_TTFT = f"{PREFIX}metrics:ttft"
+"""Hash: JSON `[model, bucket]` → generations whose first token came within that bucket (not
+cumulative; `+Inf` for the last), and `[model, "sum"]` / `[model, "count"]`."""

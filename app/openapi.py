@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sanic_ext import openapi
-from sanic_ext.extensions.openapi.builders import SpecificationBuilder
+from sanic_ext.extensions.openapi.builders import OperationStore, SpecificationBuilder
 from sanic_ext.extensions.openapi.definitions import Component, Reference
 from sanic_ext.extensions.openapi.types import Integer
 
@@ -122,3 +122,24 @@ def stream_events() -> Any:
         },
     )
     return Reference(REF.format(model="StreamEvent"))  # type: ignore[no-untyped-call]
+
+
+BEARER = "bearer"
+
+
+def secure_operations(app: Any, *, public: Callable[[str], bool]) -> None:
+    """Declare the bearer scheme, and require it on every operation but the public ones, so
+    Swagger UI's "Authorize" sends the key with "Try it out"."""
+    app.ext.openapi.add_security_scheme(
+        BEARER,
+        "http",
+        scheme="bearer",
+        description="One of HAIA_API_KEYS, sent as `Authorization: Bearer <key>`.",
+    )
+    for route in app.router.routes:
+        path = "/" + route.path.lstrip("/")
+        if public(path) or route.name.startswith(f"{app.name}.openapi."):
+            continue
+        operation = OperationStore()[route.handler]  # type: ignore[no-untyped-call]
+        if {BEARER: []} not in operation.security:
+            operation.secured(BEARER)

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+StrictFloat = Annotated[float, Strict()]
+"""A JSON number (an integer too), never a boolean."""
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -72,7 +84,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class FunctionDefinition(BaseModel):
@@ -141,16 +153,17 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    # Strict: `true` is not a number nor `1` a boolean, as in OpenAI's own validation.
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, ge=0, le=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     user: str | None = Field(default=None, max_length=256)
-    n: int | None = Field(default=None, ge=1)
+    n: StrictInt | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -437,11 +450,18 @@ class Deleted(BaseModel):
 
 
 class Check(BaseModel):
-    status: str
+    """One component of `/health`: `status` always; the rest only for a caller with a key."""
+
+    status: Literal["ok", "down", "unreachable"]
     detail: str | None = None
-    models: int | None = None
+    models: int | None = Field(default=None, description="models the upstreams offer")
+    count: int | None = Field(default=None, description="live workers")
+    ids: list[str] | None = Field(default=None, description="live workers' ids")
 
 
 class HealthReport(BaseModel):
+    """`GET /health`: `checks` has `database`, `redis`, `workers` and `upstream`."""
+
     status: Literal["ok", "unavailable"]
+    auth: Literal["on", "off"] = Field(description="whether HAIA_API_KEYS is set")
     checks: dict[str, Check]

@@ -22,16 +22,20 @@ from sanic_ext import Extend
 from tortoise.exceptions import DBConnectionError, OperationalError
 
 from app import jobs, keys
+from app.access import setup_access
 from app.catalog import Catalog
 from app.config import Settings
 from app.context import Services
+from app.cors import setup_cors
 from app.db import close_database, open_database
 from app.errors import HaiaError, Unauthorized, Unavailable, error_body
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
+from app.openapi import secure_operations
 from app.relay import Relay
 from app.routes import chat, completions, conversations, health, models
+from app.routes import metrics as metrics_route
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ _SANIC_TYPES = {
     429: "rate_limit_error",
 }
 PUBLIC_PATHS = frozenset({"/health"})
+DOCS_PREFIX = "/docs"
 _STORE_DOWN = (
     DBConnectionError,
     OperationalError,
@@ -161,23 +166,37 @@ def _allowed_methods(request: Request) -> list[str]:
 def setup_correlation(app: App, settings: Settings) -> None:
     keys_ = [key.get_secret_value().encode() for key in settings.api_keys]
 
-    async def before(request: Request) -> HTTPResponse | None:
+    async def correlate(request: Request) -> None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
         request.ctx.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request_id_var.set(request.ctx.request_id)
+
+    async def authenticate(request: Request) -> None:
         key = _authorized_key(request, keys_) if keys_ else None
-        if keys_ and key is None and request.path not in PUBLIC_PATHS:
+        request.ctx.authenticated = key is not None or not keys_
+        if not request.ctx.authenticated and not is_public(request):
             raise Unauthorized("Incorrect or missing API key: send Authorization: Bearer <key>.")
         request.ctx.owner = owner_of(key, request.headers.get(OPENWEBUI_USER_HEADER))
-        return None
 
     async def after(request: Request, response: HTTPResponse) -> None:
         request_id = getattr(request.ctx, "request_id", None)
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
 
-    app.on_request(before, priority=100)
+    app.on_request(correlate, priority=900)
+    app.on_request(authenticate, priority=100)
     app.on_response(after)  # type: ignore[no-untyped-call]
+
+
+def is_public(request: Request) -> bool:
+    """What answers without a key: preflights and OPTIONS, the docs, and the (terse) health."""
+    path = request.path
+    return (
+        request.method == "OPTIONS"
+        or path in PUBLIC_PATHS
+        or path == DOCS_PREFIX
+        or path.startswith(f"{DOCS_PREFIX}/")
+    )
 
 
 def _authorized_key(request: Request, allowed: list[bytes]) -> bytes | None:
@@ -215,8 +234,14 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
         }
     )
     Extend(app)
+    setup_access(app, settings)
     setup_correlation(app, settings)
+    setup_cors(app, settings)
     setup_errors(app)
     setup_resources(app, settings, redis_url)
-    app.blueprint([chat.bp, completions.bp, conversations.bp, models.bp, health.bp])
+    app.blueprint(
+        [chat.bp, completions.bp, conversations.bp, models.bp, health.bp, metrics_route.bp]
+    )
+    if settings.api_keys:
+        secure_operations(app, public=lambda path: path in PUBLIC_PATHS)
     return app

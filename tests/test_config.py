@@ -91,3 +91,24 @@ def test_only_documented_names_configure_haia(monkeypatch: pytest.MonkeyPatch) -
     )
     assert settings.database_url == "sqlite://data/haia.sqlite3"
     assert (settings.redis_url, settings.api_keys, settings.log_level) == (None, [], "INFO")
+
+
+def test_operations_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HAIA_CORS_ORIGINS", "HAIA_ACCESS_LOG", "HAIA_WEB_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert (settings.cors_origins, settings.access_log, settings.web_workers) == ([], True, 1)
+    monkeypatch.setenv("HAIA_CORS_ORIGINS", "https://Chat.example.org/, http://localhost:5173")
+    monkeypatch.setenv("HAIA_ACCESS_LOG", "false")
+    monkeypatch.setenv("HAIA_WEB_WORKERS", "4")
+    settings = Settings()
+    assert settings.cors_origins == ["https://chat.example.org", "http://localhost:5173"]
+    assert (settings.access_log, settings.web_workers) == (False, 4)
+
+
+@pytest.mark.parametrize("origin", ["chat.example.org", "https://x.org/path", "ftp://x.org"])
+def test_a_bad_cors_origin_names_its_variable(monkeypatch: pytest.MonkeyPatch, origin: str) -> None:
+    monkeypatch.setenv("HAIA_CORS_ORIGINS", origin)
+    with pytest.raises(SystemExit) as stopped:
+        load_settings()
+    assert "HAIA_CORS_ORIGINS" in str(stopped.value.code)

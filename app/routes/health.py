@@ -1,4 +1,9 @@
-"""`GET /health`: is the database, Redis, a worker and the model's server there?"""
+"""`GET /health`: is the database, Redis, a worker and the model's server there?
+
+Workers count as alive by their `haia:worker:*` heartbeat keys, the liveness the reaper trusts,
+so the answer is true again as soon as a worker re-registers after a Redis restart. Without a
+key (when keys are set) it says only up or down per component; details need a key.
+"""
 
 from __future__ import annotations
 
@@ -10,54 +15,73 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 from tortoise import connections
 
-from app import keys
-from app.context import services
+from app.context import Services, services
+from app.metrics import live_workers
 from app.openapi import returns
-from app.schemas import HealthReport
+from app.schemas import Check, HealthReport
 
 bp = Blueprint("health")
 
 CHECK_TIMEOUT = 2.0
 
 
-async def _check(probe: Any) -> str | None:
-    """None when `probe` succeeds in time, else a short reason."""
+async def _check(probe: Any) -> tuple[Any, str | None]:
+    """(the probe's result, None) when it succeeds in time, else (None, a short reason)."""
     try:
-        await asyncio.wait_for(probe, CHECK_TIMEOUT)
+        return await asyncio.wait_for(probe, CHECK_TIMEOUT), None
     except TimeoutError:
-        return "timed out"
+        return None, "timed out"
     except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
-        return type(exc).__name__
-    return None
+        return None, type(exc).__name__
 
 
-async def _workers_alive(request: Request) -> None:
-    if not await services(request).redis.exists(keys.HEALTH_CHECK):
-        raise LookupError("no worker has reported in the last few seconds")
+async def _upstream(svc: Services) -> Check:
+    models = await svc.catalog.models()
+    check = Check(status="ok" if models else "unreachable", models=len(models))
+    if svc.catalog.upstream_error and svc.catalog.discovers:
+        check.status, check.detail = "unreachable", svc.catalog.upstream_error
+    return check
+
+
+async def _workers(svc: Services, redis_down: str | None) -> Check:
+    if redis_down:
+        return Check(status="down", detail="Redis is down", count=0)
+    ids, error = await _check(live_workers(svc.redis))
+    if error:
+        return Check(status="down", detail=error, count=0)
+    if not ids:
+        return Check(status="down", detail="no worker heartbeat in Redis", count=0, ids=[])
+    return Check(status="ok", count=len(ids), ids=ids)
 
 
 @bp.get("/health")
 @openapi.summary("Liveness and readiness of the database, Redis, the workers and the upstream")
+@openapi.description(
+    "Needs no key. With `HAIA_API_KEYS` set and no key sent, each check has only its `status`; "
+    "with a key (or without keys configured) it has details: reasons, model and worker counts."
+)
 @returns(200, HealthReport, "Everything HAIA needs is there")
 @returns(503, HealthReport, "The database, Redis or every worker is down")
 async def health(request: Request) -> HTTPResponse:
     svc = services(request)
-    database = await _check(connections.get("default").execute_query("SELECT 1"))
-    redis = await _check(svc.redis.ping())
-    workers = "Redis is down" if redis else await _check(_workers_alive(request))
-    models = await svc.catalog.models()
-    upstream: dict[str, Any] = {"status": "ok" if models else "unreachable", "models": len(models)}
-    if svc.catalog.upstream_error and svc.catalog.discovers:
-        upstream.update(status="unreachable", detail=svc.catalog.upstream_error)
+    _, database = await _check(connections.get("default").execute_query("SELECT 1"))
+    _, redis = await _check(svc.redis.ping())
     checks = {
-        "database": {"status": "ok"}
-        if database is None
-        else {"status": "down", "detail": database},
-        "redis": {"status": "ok"} if redis is None else {"status": "down", "detail": redis},
-        "workers": {"status": "ok"} if workers is None else {"status": "down", "detail": workers},
-        "upstream": upstream,
+        "database": Check(status="ok" if database is None else "down", detail=database),
+        "redis": Check(status="ok" if redis is None else "down", detail=redis),
+        "workers": await _workers(svc, redis),
+        "upstream": await _upstream(svc),
     }
-    ready = database is None and redis is None and workers is None
-    return json_response(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    ready = all(checks[name].status == "ok" for name in ("database", "redis", "workers"))
+    report = HealthReport(
+        status="ok" if ready else "unavailable",
+        auth="on" if svc.settings.api_keys else "off",
+        checks=checks if request.ctx.authenticated else _terse(checks),
     )
+    return json_response(
+        report.model_dump(mode="json", exclude_none=True), status=200 if ready else 503
+    )
+
+
+def _terse(checks: dict[str, Check]) -> dict[str, Check]:
+    return {name: Check(status=check.status) for name, check in checks.items()}

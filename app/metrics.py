@@ -1,0 +1,204 @@
+"""Prometheus metrics for every HAIA process, kept in Redis.
+
+The worker has no HTTP server, and several web processes may serve one HAIA (HAIA_WEB_WORKERS,
+or several hosts). So the counters and histograms live in Redis hashes that every process
+increments (HINCRBY, one pipelined round trip per event), and `GET /metrics` on any web process
+reads them back together with live gauges (in-flight generations, queue depth, workers) and
+renders them with prometheus_client. One scrape covers every process, and a restart of any of
+them loses no count. Recording never raises: a metric must not break a request or a generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from typing import cast
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from app import keys
+
+log = logging.getLogger(__name__)
+
+TTFT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the time-to-first-token histogram; `+Inf` follows."""
+INF = "+Inf"
+
+Labels = tuple[str, ...]
+
+
+def _field(*labels: str) -> str:
+    return json.dumps(labels)
+
+
+def _labels(raw: bytes | str) -> Labels:
+    return tuple(str(item) for item in json.loads(raw))
+
+
+def _bucket(seconds: float) -> str:
+    return next((str(bound) for bound in TTFT_BUCKETS if seconds <= bound), INF)
+
+
+async def record_request(redis: Redis, *, route: str, status: int) -> None:
+    """Count one answered request under its route pattern (never raises)."""
+    try:
+        await cast(Awaitable[int], redis.hincrby(keys.METRICS_HTTP, _field(route, str(status))))
+    except Exception as exc:  # noqa: BLE001 - a lost count must not fail a request
+        log.debug("request not counted (%s)", type(exc).__name__)
+
+
+async def record_generation(
+    redis: Redis,
+    *,
+    model: str,
+    status: str,
+    ttft_seconds: float | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> None:
+    """Count one ended generation, its tokens and its time to first token, in one round trip
+    (never raises)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrby(keys.METRICS_GENERATIONS, _field(model, status))
+    for kind, tokens in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+        if tokens:
+            pipe.hincrby(keys.METRICS_TOKENS, _field(model, kind), tokens)
+    if ttft_seconds is not None:
+        seconds = max(ttft_seconds, 0.0)
+        pipe.hincrby(keys.METRICS_TTFT, _field(model, _bucket(seconds)))
+        pipe.hincrbyfloat(keys.METRICS_TTFT, _field(model, "sum"), seconds)
+        pipe.hincrby(keys.METRICS_TTFT, _field(model, "count"))
+    try:
+        await pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - a lost count must not fail a generation
+        log.warning("generation metrics not recorded (%s)", type(exc).__name__)
+
+
+async def live_workers(redis: Redis) -> list[str]:
+    """The ids of the workers whose heartbeat key is alive (what the reaper trusts)."""
+    prefix = keys.worker_heartbeat("")
+    found = [key async for key in redis.scan_iter(match=keys.WORKER_PATTERN, count=1000)]
+    return sorted(
+        (k.decode() if isinstance(k, bytes) else str(k)).removeprefix(prefix) for k in found
+    )
+
+
+@dataclass
+class Snapshot:
+    """Every figure `/metrics` shows, as read from Redis at one moment."""
+
+    http_requests: dict[Labels, float] = field(default_factory=dict)
+    generations: dict[Labels, float] = field(default_factory=dict)
+    tokens: dict[Labels, float] = field(default_factory=dict)
+    ttft: dict[Labels, float] = field(default_factory=dict)
+    in_flight: int = 0
+    queue_depth: int = 0
+    workers: int = 0
+
+
+async def read_snapshot(redis: Redis) -> Snapshot:
+    """Read the counters and the live gauges (raises when Redis is away)."""
+    pipe = redis.pipeline(transaction=False)
+    for name in (keys.METRICS_HTTP, keys.METRICS_GENERATIONS, keys.METRICS_TOKENS):
+        pipe.hgetall(name)
+    pipe.hgetall(keys.METRICS_TTFT)
+    pipe.hlen(keys.INFLIGHT)
+    pipe.zrange(keys.QUEUE, 0, -1)
+    http, generations, tokens, ttft, in_flight, queued = await pipe.execute()
+    job_ids = [job.decode() if isinstance(job, bytes) else str(job) for job in queued]
+    running = await redis.exists(*map(keys.arq_in_progress, job_ids)) if job_ids else 0
+    return Snapshot(
+        http_requests=_counts(http),
+        generations=_counts(generations),
+        tokens=_counts(tokens),
+        ttft=_counts(ttft),
+        in_flight=int(in_flight),
+        queue_depth=max(len(job_ids) - int(running), 0),
+        workers=len(await live_workers(redis)),
+    )
+
+
+def _counts(raw: dict[bytes, bytes]) -> dict[Labels, float]:
+    return {_labels(key): float(value) for key, value in raw.items()}
+
+
+class SnapshotCollector(Collector):
+    """Exposes a `Snapshot` as Prometheus metric families."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot
+        yield _counter(
+            "haia_http_requests",
+            "HTTP requests answered by every web process, by route pattern and status.",
+            ["route", "status"],
+            snap.http_requests,
+        )
+        yield _counter(
+            "haia_generations",
+            "Generations ended, by model and final status.",
+            ["model", "status"],
+            snap.generations,
+        )
+        yield _counter(
+            "haia_tokens",
+            "Tokens the upstream counted, by model and kind (prompt or completion).",
+            ["model", "kind"],
+            snap.tokens,
+        )
+        yield _histogram(snap.ttft)
+        yield GaugeMetricFamily(
+            "haia_generations_in_flight", "Generations running now.", value=snap.in_flight
+        )
+        yield GaugeMetricFamily(
+            "haia_queue_depth", "Generations waiting for a worker.", value=snap.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "haia_workers",
+            "Workers alive (heartbeat within HAIA_WORKER_DEAD_AFTER).",
+            value=snap.workers,
+        )
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], values: dict[Labels, float]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for label_values, value in sorted(values.items()):
+        if len(label_values) == len(labels):
+            family.add_metric(list(label_values), value)
+    return family
+
+
+def _histogram(raw: dict[Labels, float]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        "haia_generation_ttft_seconds",
+        "Time from a request's arrival to its generation's first token, by model.",
+        labels=["model"],
+    )
+    for model in sorted({labels[0] for labels in raw if len(labels) == 2}):
+        running, buckets = 0.0, []
+        for bound in (*map(str, TTFT_BUCKETS), INF):
+            running += raw.get((model, bound), 0.0)
+            buckets.append((bound, running))
+        family.add_metric([model], buckets=buckets, sum_value=raw.get((model, "sum"), 0.0))
+    return family
+
+
+def render(snapshot: Snapshot) -> bytes:
+    """The Prometheus text exposition of `snapshot`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return generate_latest(registry)
