@@ -143,6 +143,17 @@ async def _find(
     return match.conversation if match else None
 
 
+def new_turn_length(messages: Sequence[ChatMessage]) -> int:
+    """How many trailing messages are the new turn: the last user message, or every tool
+    result after the assistant's tool calls."""
+    count = 0
+    for message in reversed(messages):
+        if message.role != "tool":
+            break
+        count += 1
+    return count or 1
+
+
 def _has_dialogue(history: Sequence[ChatMessage]) -> bool:
     return any(message.role in ("user", "assistant", "tool") for message in history)
 
@@ -158,7 +169,8 @@ async def start_turn(
     request_id: str,
 ) -> Turn:
     """Store what is new in this request and a queued assistant turn; return the turn."""
-    history = messages[:-1]
+    turn_length = new_turn_length(messages)
+    history = messages[:-turn_length]
     history_hash = history_digest(history) if _has_dialogue(history) else None
     conversation = await _find(
         owner=owner, conversation_id=conversation_id, chat_id=chat_id, history_hash=history_hash
@@ -170,7 +182,8 @@ async def start_turn(
         else:
             head = await head_digest(conversation)
             if head is not None and (history_hash is None or history_hash == head):
-                incoming = messages[-1:]  # the client resent what is stored, or sent only the turn
+                # The client resent what is stored, or sent only the turn.
+                incoming = messages[-turn_length:]
             elif head is not None:
                 conversation = await _branch(conversation, owner=owner, chat_id=chat_id)
             if not conversation.title:

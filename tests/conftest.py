@@ -86,9 +86,11 @@ def stack_env(
         "HAIA_REDIS_URL": redis_url,
         "OLLAMA_BASE_URL": f"{upstream}/v1",
         "HAIA_MODEL": "ollama:fake-model",
-        "HAIA_MODELS": "openai-chat:fake-model",
+        "HAIA_MODELS": "openai-chat:fake-model,anthropic:claude-fake",
         "OPENAI_BASE_URL": f"{upstream}/v1",
         "OPENAI_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": upstream,
+        "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key",
         "HAIA_LOG_LEVEL": "INFO",
         **extra,
     }

@@ -288,7 +288,11 @@ async def test_malformed_json_is_400(stack: Stack) -> None:
 
 async def test_models_and_health(stack: Stack, sdk: AsyncOpenAI) -> None:
     models = await sdk.models.list()
-    assert [m.id for m in models.data] == ["ollama:fake-model", "openai-chat:fake-model"]
+    assert [m.id for m in models.data] == [
+        "ollama:fake-model",
+        "openai-chat:fake-model",
+        "anthropic:claude-fake",
+    ]
     async with httpx.AsyncClient(timeout=30) as http:
         health = await http.get(f"{stack.base_url}/health")
     assert health.status_code == 200

@@ -399,6 +399,7 @@ async def _request(
 ) -> Outcome:
     model_settings, parameters = request_settings(model_id, options, st.settings)
     calls: dict[int, int] = {}  # response part index -> tool call index
+    sink = collector = _ToolCalls(sink)  # stored as streamed: what the client will send back
     async with model_request_stream(
         model_for(st, model_id),
         messages,
@@ -412,15 +413,7 @@ async def _request(
                 _forward_start(event.index, event.part, sink, calls)
         response = stream.get()
     finish_reason = response.finish_reason or "stop"
-    tool_calls = [
-        {
-            "id": part.tool_call_id,
-            "type": "function",
-            "function": {"name": part.tool_name, "arguments": part.args_as_json_str()},
-        }
-        for part in response.parts
-        if isinstance(part, ToolCallPart)
-    ]
+    tool_calls = collector.calls()
     thinking = [
         {
             "content": part.content,
@@ -437,7 +430,7 @@ async def _request(
         prompt_tokens=response.usage.input_tokens,
         completion_tokens=response.usage.output_tokens,
         finish_reason=_FINISH_REASONS.get(finish_reason, finish_reason),
-        tool_calls=tool_calls or None,
+        tool_calls=tool_calls,
         reasoning_parts=thinking or None,
     )
 
@@ -451,9 +444,10 @@ def _forward_start(index: int, part: Any, sink: Sink, calls: dict[int, int]) -> 
             sink.reasoning(part.content)
     elif isinstance(part, ToolCallPart):
         calls[index] = len(calls)
-        args = part.args if isinstance(part.args, str) else part.args_as_json_str()
-        if part.args is None:
-            args = ""
+        # Anthropic opens a tool_use block with `input: {}` and streams the JSON after it.
+        args = (
+            part.args if isinstance(part.args, str) else json.dumps(part.args) if part.args else ""
+        )
         sink.tool(
             {
                 "index": calls[index],
