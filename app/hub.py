@@ -34,8 +34,14 @@ class EventHub:
         self._queues: dict[str, set[asyncio.Queue[Item]]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._connected = False
         # A channel of our own keeps the connection subscribed (and readable) at all times.
         self._own_channel = f"{keys.PREFIX}web:{os.getpid()}:{id(self)}"
+
+    @property
+    def connected(self) -> bool:
+        """True while the hub holds a live subscription, i.e. while streams can be relayed."""
+        return self._connected
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._run(), name="haia-event-hub")
@@ -92,11 +98,13 @@ class EventHub:
             try:
                 self._pubsub = self._redis.pubsub()
                 await self._pubsub.subscribe(self._own_channel)
+                self._connected = True
                 delay = 0.1
                 await self._read(self._pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis went away: fail streams, reconnect
+                self._connected = False
                 log.warning("event hub lost Redis (%s); reconnecting", type(exc).__name__)
                 self._fail_all(exc)
                 if self._pubsub is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,13 +30,22 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def child_pids(stack: Stack) -> list[str]:
+    assert stack.web is not None
+    main = stack.web.process.pid
+    return Path(f"/proc/{main}/task/{main}/children").read_text().split()
+
+
 async def web_processes(stack: Stack) -> int:
-    """Web processes subscribed to Redis (each holds one `haia:web:*` channel)."""
+    """This stack's web processes subscribed to Redis (each holds a `haia:web:{pid}:…` channel;
+    channels are server-wide, so other tests' webs are told apart by their pids)."""
+    children = child_pids(stack)
     client = aioredis.Redis.from_url(stack.env["HAIA_REDIS_URL"])
     try:
-        return len(await client.pubsub_channels("haia:web:*"))
+        channels = await client.pubsub_channels("haia:web:*")
     finally:
         await client.aclose()
+    return len([c for c in channels if c.decode().split(":")[2] in children])
 
 
 def transcript(frames: list[Frame]) -> list[tuple[str | None, str | None]]:

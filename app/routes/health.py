@@ -66,6 +66,8 @@ async def health(request: Request) -> HTTPResponse:
     svc = services(request)
     _, database = await _check(connections.get("default").execute_query("SELECT 1"))
     _, redis = await _check(svc.redis.ping())
+    if redis is None and not svc.hub.connected:
+        redis = "reconnecting"  # chats need this process's subscription, not only a PING
     checks = {
         "database": Check(status="ok" if database is None else "down", detail=database),
         "redis": Check(status="ok" if redis is None else "down", detail=redis),
