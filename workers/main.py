@@ -12,8 +12,6 @@ from signal import Signals
 from typing import Any
 
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -34,16 +32,6 @@ from workers.task import run_task
 log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-
-# The check arq makes in a WATCH/MULTI transaction, as one script: not already running, still
-# queued, due; then mark it in progress.
-_CLAIM_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
-"""
 
 ADMISSION_LAG = 0.1
 """Seconds of event-loop lag above which a worker stops taking new generations: the ones it
@@ -69,7 +57,6 @@ class WakeableWorker(Worker):
         self._lag_task: asyncio.Task[None] | None = None
         self.lag = 0.0
         self._draining = False
-        self._claim: Any = None
 
     async def _listen_for_wakeups(self) -> None:
         while True:
@@ -109,39 +96,6 @@ class WakeableWorker(Worker):
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), self._wake_timeout)
-
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Start the jobs read from the queue concurrently. arq starts them one after another,
-        each after a few Redis round trips; under load every round trip waits a whole turn of
-        a busy event loop, which paced starts at one per 25-50 ms at 500 streams."""
-        await asyncio.gather(*(self._start_one(job_id.decode()) for job_id in job_ids))
-
-    async def _start_one(self, job_id: str) -> None:
-        await self.sem.acquire()
-        if self.job_counter >= self.max_jobs:
-            self.sem.release()
-            return
-        self.job_counter += 1
-        score: Any = 0
-        try:
-            score = await self._claim_script(
-                keys=[in_progress_key_prefix + job_id, self.queue_name],
-                args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
-            )
-        finally:
-            if not score:  # running elsewhere, finished, deferred, or Redis away
-                self.job_counter -= 1
-                self.sem.release()
-        if score:
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
-
-    @property
-    def _claim_script(self) -> Any:
-        if self._claim is None:
-            self._claim = self.pool.register_script(_CLAIM_JOB)
-        return self._claim
 
     def _stopping(self) -> None:
         self._draining = True
