@@ -82,11 +82,9 @@ async def test_a_busy_worker_is_not_taken_for_dead(
     assert error_of(received) is None, received[-3:]
     assert text_of(received) == expected(20)
     assert finish_of(received) == "stop" and received[-1].data == "[DONE]"
-    rows = await dbcheck.query(
-        stack.database_url,
-        "SELECT status, content FROM haia_message WHERE role = 'assistant'",
-    )
-    assert [(r["status"], r["content"]) for r in rows] == [("completed", expected(20))]
+    completion_id = json.loads(str(received[0].data))["id"]
+    row = await dbcheck.wait_for_status(stack.database_url, completion_id, {"completed"})
+    assert (row["status"], row["content"]) == ("completed", expected(20))
     assert stack.web is not None and "lost its worker" not in stack.web.log()
 
 

@@ -12,22 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic_ai.messages import (
-    BinaryContent,
-    ImageUrl,
-    ModelMessage,
-    ModelRequest,
-    ModelRequestPart,
-    ModelResponse,
-    ModelResponsePart,
-    SystemPromptPart,
-    TextPart,
-    ThinkingPart,
-    ToolCallPart,
-    ToolReturnPart,
-    UserContent,
-    UserPromptPart,
-)
 from tortoise.expressions import Q
 
 from app.content import BLOB_SCHEME, with_data_urls
@@ -43,13 +27,11 @@ class Context:
     blobs: dict[str, Blob]
     provider: str
 
-    def model_messages(self) -> list[ModelMessage]:
+    def model_messages(self) -> list[Any]:
         """As pydantic-ai messages, the last request carrying HAIA's instructions."""
-        messages = to_model_messages(self.rows, blobs=self.blobs, provider=self.provider)
-        last = messages[-1]
-        assert isinstance(last, ModelRequest)
-        messages[-1] = ModelRequest(parts=last.parts, instructions=HOMELAB_ASSISTANT_PROMPT)
-        return messages
+        from workers.pydantic_model import model_messages  # only for pydantic-ai models
+
+        return model_messages(self.rows, blobs=self.blobs, provider=self.provider)
 
     def openai_messages(self) -> list[dict[str, Any]]:
         """In the OpenAI Chat Completions shape, HAIA's instructions after the system
@@ -103,85 +85,6 @@ async def _blobs(rows: Sequence[Message]) -> dict[str, Blob]:
     return {blob.sha256: blob for blob in await Blob.filter(sha256__in=list(wanted))}
 
 
-def to_model_messages(
-    rows: Sequence[Message], *, blobs: dict[str, Blob], provider: str
-) -> list[ModelMessage]:
-    """Stored rows as pydantic-ai messages; consecutive request parts share one request."""
-    messages: list[ModelMessage] = []
-    tool_names: dict[str, str] = {}
-    pending: list[ModelRequestPart] = []
-    for row in rows:
-        if row.role == "assistant":
-            if pending:
-                messages.append(ModelRequest(parts=pending))
-                pending = []
-            messages.append(_response(row, provider, tool_names))
-        elif row.role == "system":
-            pending.append(SystemPromptPart(content=row.content))
-        elif row.role == "tool":
-            call_id = row.tool_call_id or ""
-            pending.append(
-                ToolReturnPart(
-                    tool_name=tool_names.get(call_id, "tool"),
-                    content=row.content,
-                    tool_call_id=call_id,
-                )
-            )
-        else:
-            pending.append(UserPromptPart(content=_user_content(row, blobs)))
-    if pending:
-        messages.append(ModelRequest(parts=pending))
-    return messages
-
-
-def _user_content(row: Message, blobs: dict[str, Blob]) -> str | list[UserContent]:
-    if not row.parts:
-        return row.content
-    content: list[UserContent] = []
-    for part in row.parts:
-        if part.get("type") == "text":
-            content.append(str(part.get("text") or ""))
-            continue
-        image: dict[str, Any] = part["image_url"]  # type: ignore[assignment]
-        url = str(image["url"])
-        if url.startswith(BLOB_SCHEME):
-            blob = blobs.get(url.removeprefix(BLOB_SCHEME))
-            if blob is not None:
-                content.append(BinaryContent(data=bytes(blob.data), media_type=blob.media_type))
-        else:
-            content.append(ImageUrl(url=url))
-    return content
-
-
-def _response(row: Message, provider: str, tool_names: dict[str, str]) -> ModelResponse:
-    parts: list[ModelResponsePart] = []
-    if provider == "anthropic":
-        for thinking in row.reasoning_parts or ():
-            if thinking.get("provider_name") == "anthropic" and thinking.get("signature"):
-                parts.append(
-                    ThinkingPart(
-                        content=str(thinking.get("content") or ""),
-                        id=thinking.get("id"),  # type: ignore[arg-type]
-                        signature=str(thinking["signature"]),
-                        provider_name="anthropic",
-                    )
-                )
-    if row.content:
-        parts.append(TextPart(content=row.content))
-    for call in row.tool_calls or ():
-        function: dict[str, Any] = call["function"]  # type: ignore[assignment]
-        call_id = str(call["id"])
-        tool_names[call_id] = str(function["name"])
-        parts.append(
-            ToolCallPart(
-                tool_name=str(function["name"]),
-                args=str(function.get("arguments") or "{}"),
-                tool_call_id=call_id,
-            )
-        )
-    return ModelResponse(parts=parts)
-
-
 def _openai_message(row: Message, blobs: dict[str, Blob]) -> dict[str, Any]:
     if row.role == "tool":
         return {"role": "tool", "tool_call_id": row.tool_call_id or "", "content": row.content}
@@ -200,12 +103,3 @@ def _data_urls(blobs: dict[str, Blob]) -> dict[str, str]:
         sha: f"data:{blob.media_type};base64,{base64.b64encode(blob.data).decode()}"
         for sha, blob in blobs.items()
     }
-
-
-def to_model_message(role: str, text: str) -> ModelMessage:
-    """One plain-text message as pydantic-ai sees it (background tasks)."""
-    if role == "assistant":
-        return ModelResponse(parts=[TextPart(content=text)])
-    if role == "system":
-        return ModelRequest(parts=[SystemPromptPart(content=text)])
-    return ModelRequest(parts=[UserPromptPart(content=text)])

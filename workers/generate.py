@@ -1,39 +1,19 @@
 """The arq job: one model request for one assistant turn, every delta published, the end stored.
 
-A gateway makes one model request per turn and runs no agent loop, so the model is called
-through pydantic-ai's direct streaming API (below `Agent`): the per-token path is the
-provider's SSE parsing, one list append and one buffered publish.
+A gateway makes one model request per turn and runs no agent loop. OpenAI-compatible upstreams
+are spoken to directly (`workers.openai_wire`); others through pydantic-ai's direct streaming
+API (`workers.pydantic_model`, imported on first use). The per-token path is the wire's SSE
+parsing, one list append and one buffered publish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-
-from pydantic_ai.direct import model_request_stream
-from pydantic_ai.exceptions import (
-    ModelConnectionError,
-    ModelRateLimitError,
-    ModelTimeoutError,
-    ModelUnavailableError,
-)
-from pydantic_ai.messages import (
-    ModelMessage,
-    PartDeltaEvent,
-    PartStartEvent,
-    TextPart,
-    TextPartDelta,
-    ThinkingPart,
-    ThinkingPartDelta,
-    ToolCallPart,
-    ToolCallPartDelta,
-)
-from pydantic_ai.models import Model
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
@@ -48,11 +28,8 @@ from app.generations import (
 )
 from app.inflight import Inflight
 from app.llm import (
-    build_model,
     openai_endpoint,
-    request_settings,
     split_model_id,
-    translate_model_error,
 )
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher, fence_of
@@ -65,12 +42,6 @@ log = logging.getLogger(__name__)
 _FINISH_REASONS = {"tool_call": "tool_calls", "error": "stop"}
 PROGRESS_EVERY = 16
 """Deltas between updates of the token count in `haia:inflight`."""
-
-
-def model_for(st: WorkerState, model_id: str) -> Model:
-    if model_id not in st.models:
-        st.models[model_id] = build_model(model_id, st.settings)
-    return st.models[model_id]
 
 
 async def generate(
@@ -214,7 +185,9 @@ def _failure(exc: Exception, st: WorkerState, message: Message, *, timed_out: bo
         return exc
     if isinstance(exc, LookupError):  # from load_context: the stored turn has nothing to answer
         return InvalidRequest(f"Nothing to answer: {exc}.", param="messages")
-    return translate_model_error(exc, model_id=message.model or "")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The model's server did not answer within HAIA_LLM_TIMEOUT.")
+    return HaiaError("The generation failed unexpectedly.")
 
 
 async def _hand_back(publisher: Publisher, inflight: Inflight, completion_id: str) -> None:
@@ -259,7 +232,7 @@ class Outcome:
 class Prompt(Protocol):
     """What a model request carries, renderable for either wire."""
 
-    def model_messages(self) -> list[ModelMessage]: ...
+    def model_messages(self) -> list[Any]: ...
     def openai_messages(self) -> list[dict[str, Any]]: ...
 
 
@@ -283,13 +256,11 @@ async def stream_model(
         try:
             if model_id.partition(":")[0] in OPENAI_WIRE_PROVIDERS:
                 return await _request_openai(st, model_id, prompt, options, watched)
-            return await _request(st, model_id, prompt.model_messages(), options, watched)
-        except (*_TRANSIENT, Transient) as exc:
+            return await _request_pydantic(st, model_id, prompt, options, watched)
+        except Transient as exc:
             wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
             if watched.sent or attempt == settings.llm_retries or wait is None:
-                if isinstance(exc, Transient):
-                    raise exc.error from None
-                raise
+                raise exc.error from None
             log.info(
                 "upstream %s (%s); retry %d in %.1fs",
                 model_id,
@@ -321,20 +292,31 @@ class _Watched:
         self.inner.tool(piece)
 
 
-_TRANSIENT = (ModelRateLimitError, ModelUnavailableError, ModelConnectionError)
-
-
-def _retry_wait(exc: Exception, attempt: int, max_wait: float) -> float | None:
+def _retry_wait(exc: Transient, attempt: int, max_wait: float) -> float | None:
     """Seconds to wait before retrying `exc`, or None when it must not be retried."""
-    if isinstance(exc, ModelTimeoutError):
-        return None  # silence past HAIA_LLM_TIMEOUT is not transient
-    retry_after = getattr(exc, "retry_after", None)
-    if isinstance(exc, Transient) and isinstance(exc.error, RateLimited) and retry_after is None:
-        return None
-    if isinstance(exc, ModelRateLimitError) and retry_after is None:
+    retry_after = exc.error.retry_after
+    if isinstance(exc.error, RateLimited) and retry_after is None:
         return None  # e.g. a spend limit: waiting will not help
     wait = float(retry_after) if retry_after is not None else min(0.5 * 2**attempt, 8.0)
     return wait if wait <= max_wait else None
+
+
+async def _request_pydantic(
+    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
+) -> Outcome:
+    from workers import pydantic_model  # loaded only when such a model is used
+
+    collector = _ToolCalls(sink)  # stored as streamed: what the client will send back
+    result = await pydantic_model.stream(
+        st.models, st.settings, model_id, prompt.model_messages(), options, collector
+    )
+    return Outcome(
+        prompt_tokens=result["prompt_tokens"],
+        completion_tokens=result["completion_tokens"],
+        finish_reason=_FINISH_REASONS.get(result["finish_reason"], result["finish_reason"]),
+        tool_calls=collector.calls(),
+        reasoning_parts=result["reasoning_parts"],
+    )
 
 
 OPENAI_WIRE_PROVIDERS = frozenset({"ollama", "openai-chat"})
@@ -388,86 +370,3 @@ class _ToolCalls:
 
     def calls(self) -> list[dict[str, Any]] | None:
         return [self.pieces[index] for index in sorted(self.pieces)] or None
-
-
-async def _request(
-    st: WorkerState,
-    model_id: str,
-    messages: list[ModelMessage],
-    options: dict[str, Any],
-    sink: Sink,
-) -> Outcome:
-    model_settings, parameters = request_settings(model_id, options, st.settings)
-    calls: dict[int, int] = {}  # response part index -> tool call index
-    sink = collector = _ToolCalls(sink)  # stored as streamed: what the client will send back
-    async with model_request_stream(
-        model_for(st, model_id),
-        messages,
-        model_settings=model_settings,
-        model_request_parameters=parameters,
-    ) as stream:
-        async for event in stream:
-            if isinstance(event, PartDeltaEvent):
-                _forward_delta(event.index, event.delta, sink, calls)
-            elif isinstance(event, PartStartEvent):
-                _forward_start(event.index, event.part, sink, calls)
-        response = stream.get()
-    finish_reason = response.finish_reason or "stop"
-    tool_calls = collector.calls()
-    thinking = [
-        {
-            "content": part.content,
-            "id": part.id,
-            "signature": part.signature,
-            "provider_name": part.provider_name,
-        }
-        for part in response.parts
-        if isinstance(part, ThinkingPart) and part.signature
-    ]
-    if tool_calls and finish_reason == "stop":
-        finish_reason = "tool_call"
-    return Outcome(
-        prompt_tokens=response.usage.input_tokens,
-        completion_tokens=response.usage.output_tokens,
-        finish_reason=_FINISH_REASONS.get(finish_reason, finish_reason),
-        tool_calls=tool_calls,
-        reasoning_parts=thinking or None,
-    )
-
-
-def _forward_start(index: int, part: Any, sink: Sink, calls: dict[int, int]) -> None:
-    if isinstance(part, TextPart):
-        if part.content:
-            sink.delta(part.content)
-    elif isinstance(part, ThinkingPart):
-        if part.content:
-            sink.reasoning(part.content)
-    elif isinstance(part, ToolCallPart):
-        calls[index] = len(calls)
-        # Anthropic opens a tool_use block with `input: {}` and streams the JSON after it.
-        args = (
-            part.args if isinstance(part.args, str) else json.dumps(part.args) if part.args else ""
-        )
-        sink.tool(
-            {
-                "index": calls[index],
-                "id": part.tool_call_id,
-                "name": part.tool_name,
-                "arguments": args,
-            }
-        )
-
-
-def _forward_delta(index: int, delta: Any, sink: Sink, calls: dict[int, int]) -> None:
-    if isinstance(delta, TextPartDelta):
-        if delta.content_delta:
-            sink.delta(delta.content_delta)
-    elif isinstance(delta, ThinkingPartDelta):
-        if delta.content_delta:
-            sink.reasoning(delta.content_delta)
-    elif isinstance(delta, ToolCallPartDelta) and index in calls:
-        args = delta.args_delta
-        if isinstance(args, dict):
-            args = json.dumps(args)
-        if args:
-            sink.tool({"index": calls[index], "arguments": args})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydantic_ai.models import Model
 from redis.asyncio import Redis
 
 from app.config import Settings
@@ -23,7 +22,8 @@ class WorkerState:
     batcher: Batcher = field(init=False)
     heartbeat: Heartbeat = field(init=False)
     wire: OpenAIWire = field(init=False)
-    models: dict[str, Model] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    """pydantic-ai models by id, built on first use (`workers.pydantic_model`)."""
     shutting_down: bool = False
     """Set on SIGINT/SIGTERM: a cancelled job is being handed back, not cancelled by a user."""
 

@@ -11,15 +11,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic_ai.messages import ModelMessage, ModelRequest, UserPromptPart
-
 from app.errors import HaiaError
 from app.events import Event
 from app.generations import ttls
-from app.llm import translate_model_error
 from app.logs import request_id_var
 from app.publish import Publisher, claim
-from workers.context import to_model_message
 from workers.generate import stream_model
 from workers.state import state
 
@@ -32,12 +28,10 @@ class TaskPrompt:
 
     messages: list[tuple[str, str]]
 
-    def model_messages(self) -> list[ModelMessage]:
-        *history, (_, prompt) = self.messages
-        return [
-            *(to_model_message(role, text) for role, text in history),
-            ModelRequest(parts=[UserPromptPart(content=prompt)]),
-        ]
+    def model_messages(self) -> list[Any]:
+        from workers.pydantic_model import plain_messages  # only for pydantic-ai models
+
+        return plain_messages(self.messages)
 
     def openai_messages(self) -> list[dict[str, Any]]:
         return [{"role": role, "content": text} for role, text in self.messages]
@@ -68,7 +62,7 @@ async def run_task(
             sink=publisher,
         )
     except Exception as exc:  # noqa: BLE001 - the client must hear of every failure
-        error = exc if isinstance(exc, HaiaError) else translate_model_error(exc, model_id=model_id)
+        error = exc if isinstance(exc, HaiaError) else HaiaError("The task failed unexpectedly.")
         log.warning("task %s failed: %s", completion_id, type(exc).__name__)
         end = Event(
             seq=0,
