@@ -24,7 +24,7 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
 async def read_body(request: Request, *, within: float, max_bytes: int) -> None:
     """Receive the body of a `stream=True` route, bounding its size and how long it may take."""
     declared = request.headers.get("content-length", "0")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(
             f"The request body is {int(declared)} bytes; HAIA accepts at most {max_bytes} "
             "(HAIA_MAX_BODY_BYTES)."

@@ -370,3 +370,22 @@ async def test_database_down_is_503_and_nothing_half_stored(
         "during the outage",
     )
     assert rows[0]["n"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v1/conversations?limit=%C2%B2", {}),  # '²' passes str.isdigit() and fails int()
+        ("/v1/chat/completions/chatcmpl-unknown/stream?starting_after=%C2%B2", {}),
+        ("/v1/chat/completions/chatcmpl-unknown/stream", {"Last-Event-ID": "\u0663"}),
+    ],
+)
+async def test_unicode_digits_are_a_400_not_a_500(
+    stack: Stack, http: httpx.AsyncClient, path: str, headers: dict[str, str]
+) -> None:
+    response = await http.get(
+        f"{stack.base_url}{path}",
+        headers={k: v.encode().decode("latin-1") for k, v in headers.items()},
+    )
+    assert response.status_code in (400, 404), response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
