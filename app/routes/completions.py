@@ -126,7 +126,9 @@ def _resume_point(request: Request) -> int:
         "Last-Event-ID": request.headers.get("Last-Event-ID"),
     }
     for name, raw in given.items():
-        if raw is not None and not (raw.strip().isascii() and raw.strip().isdigit() and int(raw) <= MAX_SEQ):
+        if raw is not None and not (
+            raw.strip().isascii() and raw.strip().isdigit() and int(raw) <= MAX_SEQ
+        ):
             raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_SEQ}.", param=name)
     chosen = given["starting_after"] or given["Last-Event-ID"] or "0"
     return int(chosen.strip())
