@@ -233,7 +233,7 @@ async def test_silent_model_gets_keepalive_comments(
     }
     async with http.stream("POST", f"{running.base_url}/v1/chat/completions", json=body) as r:
         got = await read_all(r)
-    first_content = next(i for i, f in enumerate(got) if f.id is not None)
+    first_content = next(i for i, f in enumerate(got) if f.data and '"content":"tok' in f.data)
     assert any(f.comment for f in got[:first_content])
     assert text_of(got) == expected(3)
 
