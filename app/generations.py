@@ -122,6 +122,8 @@ class Ending:
     reasoning_parts: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
+    previous_hash: str | None = None
+    """The digest of the conversation before this turn, when the run already read it."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     first_token_at: datetime | None = None
@@ -293,7 +295,13 @@ async def store_ending(
 async def _store(message: Message, ending: Ending, token: int | None) -> bool:
     finished_at = datetime.now(UTC)
     prefix_hash = None
-    if ending.text or ending.tool_calls:
+    if (ending.text or ending.tool_calls) and ending.previous_hash is not None:
+        prefix_hash = digest(
+            ending.previous_hash,
+            "assistant",
+            stored_identity(ending.text, tool_calls=ending.tool_calls),
+        )
+    elif ending.text or ending.tool_calls:
         previous = (
             await Message.filter(
                 conversation_id=message.conversation_id,  # type: ignore[attr-defined]

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 from app import keys
 from app.db.models import FINISHED, Message, Status
 from app.errors import HaiaError, InvalidRequest, RateLimited, UpstreamTimeout
+from app.events import Event
 from app.generations import (
     Ending,
     end_as,
     end_run,
-    logged_events,
     take_fence,
     ttls,
 )
@@ -32,7 +32,7 @@ from app.llm import (
     split_model_id,
 )
 from app.logs import request_id_var
-from app.publish import Fenced, Publisher, fence_of
+from app.publish import Fenced, Publisher
 from workers.context import load_context
 from workers.openai_wire import Endpoint, Transient
 from workers.state import WorkerState, state
@@ -57,12 +57,18 @@ async def generate(
     message = await Message.get_or_none(completion_id=completion_id)
     if message is None or message.status in FINISHED:
         return "skipped"
-    if await fence_of(st.redis, completion_id) == "end":
+    # What Redis knows of it, in one round trip: ended? cancelled? text from an earlier run?
+    pipe = st.redis.pipeline(transaction=False)
+    pipe.get(keys.gen_fence(completion_id))
+    pipe.exists(keys.gen_cancel(completion_id))
+    pipe.lrange(keys.gen_log(completion_id), 0, -1)
+    fence, cancelled, logged = await pipe.execute()
+    if fence == b"end":
         return "skipped"  # ended elsewhere (cancelled while queued, timed out in the queue)
-    if await st.redis.exists(keys.gen_cancel(completion_id)):
+    if cancelled:
         await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
         return Status.CANCELLED.value
-    if any(event.type == "delta" for event in await logged_events(st.redis, completion_id)):
+    if any(Event.from_json(raw).type == "delta" for raw in logged):
         # An earlier run streamed text before its worker stopped: restarting would repeat it
         # to attached clients, so the generation ends here with what was said.
         await end_as(st.redis, st.settings, completion_id, status=Status.INTERRUPTED)
@@ -129,8 +135,7 @@ async def _generate(
         worker=st.worker_id,
         attempt=publisher.token,
     )
-    await inflight.running(completion_id, entry)
-    await publisher.start()
+    await asyncio.gather(inflight.running(completion_id, entry), publisher.start())
     log.info("generation %s started on %s (run %d)", completion_id, message.model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
@@ -141,6 +146,7 @@ async def _generate(
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
             context = await load_context(message, limit=st.settings.context_messages)
+            ending.previous_hash = context.rows[-1].prefix_hash  # the turn this answers
             outcome = await stream_model(
                 st,
                 model_id=message.model or "",
