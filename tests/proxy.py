@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
+
+from tests.procs import free_port
 
 
 class Proxy:
@@ -46,3 +49,11 @@ class Proxy:
             self._writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+async def database_behind_proxy(database_url: str) -> tuple[Proxy, str]:
+    """A started proxy in front of the PostgreSQL at `database_url`, and the URL through it."""
+    real = urlsplit(database_url)
+    proxy = Proxy(free_port(), (real.hostname or "127.0.0.1", real.port or 5432))
+    await proxy.start()
+    return proxy, database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{proxy.port}")

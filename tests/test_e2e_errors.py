@@ -332,15 +332,9 @@ async def test_database_down_is_503_and_nothing_half_stored(
 ) -> None:
     if database_url.startswith("sqlite"):
         pytest.skip("SQLite is a file inside the process: there is no server to stop")
-    from urllib.parse import urlsplit
+    from tests.proxy import database_behind_proxy
 
-    from tests.procs import free_port
-    from tests.proxy import Proxy
-
-    real = urlsplit(database_url)
-    proxy = Proxy(free_port(), (real.hostname or "127.0.0.1", real.port or 5432))
-    await proxy.start()
-    through_proxy = database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{proxy.port}")
+    proxy, through_proxy = await database_behind_proxy(database_url)
     stack = make_stack(HAIA_DATABASE_URL=through_proxy)
     try:
         # Started from a thread: this loop must keep serving the proxy meanwhile.

@@ -10,15 +10,14 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from tests import dbcheck
-from tests.procs import Stack, free_port, spawn, wait_until
-from tests.proxy import Proxy
+from tests.procs import Stack, spawn, wait_until
+from tests.proxy import database_behind_proxy
 from tests.sse import Frame, frames, read_all
 from tests.test_e2e_durability import attach, expected, last_id, start_stream, text_of
 
@@ -95,10 +94,7 @@ async def test_database_down_at_the_final_write_loses_nothing(
     client still gets every token and `[DONE]`, and the answer is in the conversation after."""
     if database_url.startswith("sqlite"):
         pytest.skip("SQLite is a file inside the process: there is no server to stop")
-    real = urlsplit(database_url)
-    proxy = Proxy(free_port(), (real.hostname or "127.0.0.1", real.port or 5432))
-    await proxy.start()
-    through_proxy = database_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{proxy.port}")
+    proxy, through_proxy = await database_behind_proxy(database_url)
     stack = make_stack(HAIA_DATABASE_URL=through_proxy)
     try:
         await asyncio.to_thread(stack.start_web)
