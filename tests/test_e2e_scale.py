@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -173,3 +175,21 @@ async def test_one_scrape_of_either_web_covers_every_process(
     scraped_two = generations((await http.get(f"{two.base_url}/metrics")).text)
     assert scraped_one == scraped_two
     assert 'haia_generations_total{model="ollama:fake-model",status="completed"} 3.0' in scraped_one
+
+
+async def test_web_workers_all_stop_on_sigterm(make_stack: StackFactory) -> None:
+    """SIGTERM to `web` with HAIA_WEB_WORKERS=2 ends every web process, none left serving."""
+    stack = make_stack(HAIA_WEB_WORKERS="2")
+    web = stack.start_web()
+    async with asyncio.timeout(20):
+        while await web_processes(stack) != 2:
+            await asyncio.sleep(0.1)
+    web.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(web.process.wait, 30) == 0
+    async with asyncio.timeout(10):  # the process group empties: no orphaned worker
+        while True:
+            try:
+                os.killpg(web.process.pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.1)
