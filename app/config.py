@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default=[], validation_alias=_env("HAIA_CORS_ORIGINS")
     )
     web_workers: int = Field(default=1, ge=1, le=64, validation_alias=_env("HAIA_WEB_WORKERS"))
+    max_concurrent_per_owner: int = Field(
+        default=16, ge=0, le=100_000, validation_alias=_env("HAIA_MAX_CONCURRENT_PER_OWNER")
+    )
+    max_messages: int = Field(
+        default=1000, ge=1, le=1_000_000, validation_alias=_env("HAIA_MAX_MESSAGES")
+    )
 
     @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -92,6 +92,8 @@ def stack_env(
         "ANTHROPIC_BASE_URL": upstream,
         "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key",
         "HAIA_LOG_LEVEL": "INFO",
+        # Tests open many streams as one client; tests/test_e2e_limits.py sets the limits.
+        "HAIA_MAX_CONCURRENT_PER_OWNER": "0",
         **extra,
     }
 

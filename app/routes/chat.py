@@ -14,8 +14,8 @@ from sanic_ext.extensions.openapi.definitions import Component
 
 from app import keys
 from app.context import Services, services
-from app.db.models import Status
-from app.errors import InvalidRequest, Unavailable
+from app.db.models import ACTIVE, Message, Status
+from app.errors import InvalidRequest, RateLimited, Unavailable
 from app.events import Event
 from app.generations import (
     abort_job,
@@ -80,6 +80,12 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         request, within=svc.settings.request_timeout, max_bytes=svc.settings.max_body_bytes
     )
     body = parse_body(request, ChatCompletionRequest)
+    if len(body.messages) > svc.settings.max_messages:
+        raise InvalidRequest(
+            f"A request may carry at most {svc.settings.max_messages} messages "
+            "(HAIA_MAX_MESSAGES).",
+            param="messages",
+        )
     unsupported = body.unsupported_part()
     if unsupported is not None:
         param, kind = unsupported
@@ -97,6 +103,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     if is_task(body):
         return await _answer_task(request, svc, body)
     model = await svc.catalog.resolve(body.model)
+    await _admit(svc, request.ctx.owner)
     completion_id = new_completion_id()
     async with svc.relay.follow(completion_id) as follower:
         turn = await start_turn(
@@ -115,6 +122,23 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             return None
         completion = await _collect(svc, follower, turn)
         return json_response(completion.model_dump(mode="json"), headers=headers)
+
+
+async def _admit(svc: Services, owner: str) -> None:
+    """At most HAIA_MAX_CONCURRENT_PER_OWNER stored generations queued or running per owner
+    (0: no limit). Counted from the database, so a crash leaks nothing."""
+    limit = svc.settings.max_concurrent_per_owner
+    if not limit:
+        return
+    active = await Message.filter(
+        role="assistant", status__in=list(ACTIVE), conversation__owner=owner
+    ).count()
+    if active >= limit:
+        raise RateLimited(
+            f"You have {active} generations queued or running; HAIA allows {limit} at once "
+            "(HAIA_MAX_CONCURRENT_PER_OWNER). Retry when one has finished.",
+            retry_after=2,
+        )
 
 
 async def _answer_task(
