@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -87,7 +88,11 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
 
     async def reap(app: App) -> None:
         """Notice generations whose worker died, and rows no job will end, even when no
-        worker is left to do it."""
+        worker is left to do it. Stopping it at shutdown is its normal end, not an error."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await reap_forever(app)
+
+    async def reap_forever(app: App) -> None:
         svc: Services = app.ctx.services
         sweeper = Sweeper(svc.redis, settings)
         loop = asyncio.get_running_loop()
@@ -105,6 +110,10 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
     async def start_reaper(app: App) -> None:
         app.add_task(reap(app), name="haia-reaper")
 
+    async def stop_reaper(app: App) -> None:
+        # Stopped on purpose, before the server stops, so shutdown logs no "cancelled" warning.
+        await app.cancel_task("haia-reaper", raise_exception=False)
+
     async def close_resources(app: App) -> None:
         svc: Services = app.ctx.services
         await svc.hub.stop()
@@ -114,6 +123,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
 
     app.before_server_start(open_resources)
     app.after_server_start(start_reaper)
+    app.before_server_stop(stop_reaper)
     app.after_server_stop(close_resources)
 
 
