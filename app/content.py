@@ -70,18 +70,12 @@ def stored_parts(
 def identity(message: ChatMessage) -> str:
     """What a message's place in a conversation's digest covers: its text, and its images,
     tool calls or tool call id when it has them (plain text messages digest as before)."""
-    extra: dict[str, Any] = {}
-    if message.images:
-        extra["images"] = [_image_identity(image.url) for image in message.images]
-    if message.tool_calls:
-        extra["tool_calls"] = [
-            [call.id, call.function.name, call.function.arguments] for call in message.tool_calls
-        ]
-    if message.tool_call_id:
-        extra["tool_call_id"] = message.tool_call_id
-    if not extra:
-        return message.text
-    return message.text + "\x1e" + json.dumps(extra, sort_keys=True, separators=(",", ":"))
+    return stored_identity(
+        message.text,
+        parts=[{"type": "image_url", "image_url": {"url": i.url}} for i in message.images],
+        tool_calls=tool_calls_json(message),
+        tool_call_id=message.tool_call_id,
+    )
 
 
 def stored_identity(
@@ -143,10 +137,12 @@ async def data_urls(messages: Sequence[Message]) -> dict[str, str]:
     }
     if not wanted:
         return {}
-    return {
-        blob.sha256: f"data:{blob.media_type};base64,{base64.b64encode(blob.data).decode()}"
-        for blob in await Blob.filter(sha256__in=list(wanted))
-    }
+    return {blob.sha256: data_url(blob) for blob in await Blob.filter(sha256__in=list(wanted))}
+
+
+def data_url(blob: Blob) -> str:
+    """A stored image as the `data:` URL it came in."""
+    return f"data:{blob.media_type};base64,{base64.b64encode(blob.data).decode()}"
 
 
 def with_data_urls(parts: list[dict[str, Any]], blobs: dict[str, str]) -> list[dict[str, Any]]:

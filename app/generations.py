@@ -93,23 +93,29 @@ def reasoning_of(events: list[Event]) -> str:
     return "".join(event.reasoning for event in events if event.type == "delta")
 
 
+def add_tool_piece(calls: dict[int, dict[str, Any]], piece: dict[str, Any]) -> None:
+    """Add one streamed piece of a tool call (`index`, `id`/`name` first, `arguments`)."""
+    call = calls.setdefault(
+        int(piece["index"]),
+        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+    )
+    call["id"] = piece.get("id") or call["id"]
+    call["function"]["name"] = piece.get("name") or call["function"]["name"]
+    call["function"]["arguments"] += piece.get("arguments") or ""
+
+
+def assembled(calls: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The tool calls pieces added up to, in the OpenAI shape, by index."""
+    return [calls[index] for index in sorted(calls)] or None
+
+
 def tool_calls_of(events: list[Event]) -> list[dict[str, Any]] | None:
-    """The tool calls the deltas of a log assemble, in the OpenAI shape."""
+    """The tool calls the deltas of a log assemble."""
     calls: dict[int, dict[str, Any]] = {}
     for event in events:
-        if event.type != "delta" or event.tool is None:
-            continue
-        piece = event.tool
-        call = calls.setdefault(
-            int(piece["index"]),
-            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-        )
-        if piece.get("id"):
-            call["id"] = piece["id"]
-        if piece.get("name"):
-            call["function"]["name"] = piece["name"]
-        call["function"]["arguments"] += piece.get("arguments") or ""
-    return [calls[index] for index in sorted(calls)] or None
+        if event.type == "delta" and event.tool is not None:
+            add_tool_piece(calls, event.tool)
+    return assembled(calls)
 
 
 @dataclass
@@ -172,8 +178,6 @@ class Run:
 
     message: Message
     token: int
-    logged: int
-    """Events already logged when the fence was taken."""
 
 
 async def take_fence(
@@ -201,13 +205,13 @@ async def take_fence(
     if not claimed:
         return None
     try:
-        logged = await claim(redis, str(message.completion_id), token, ttls(settings))
+        await claim(redis, str(message.completion_id), token, ttls(settings))
     except Fenced:
         return None
     message.attempt = token
     if status is not None:
         message.status = status
-    return Run(message=message, token=token, logged=logged)
+    return Run(message=message, token=token)
 
 
 async def end_run(publisher: Publisher, message: Message, ending: Ending) -> bool:

@@ -8,7 +8,6 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 PREFIX = "haia:"
 QUEUE = f"{PREFIX}queue"
 """The arq queue (a sorted set of job ids); arq's health key is `haia:queue:health-check`."""
-HEALTH_CHECK = f"{QUEUE}:health-check"
 WAKE_CHANNEL = f"{QUEUE}:wake"
 """Published after every enqueue so idle workers start the job without waiting for a poll."""
 

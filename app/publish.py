@@ -30,8 +30,6 @@ from app.events import Event
 
 log = logging.getLogger(__name__)
 
-ENDED = "end"
-
 _CLAIM = """
 local fence = redis.call('GET', KEYS[1])
 if fence == 'end' then return -1 end
@@ -63,9 +61,6 @@ else
 end
 return n
 """
-
-REFUSED_ENDED = -1
-REFUSED_SUPERSEDED = -2
 
 
 class Fenced(Exception):

@@ -7,14 +7,13 @@ go back with their assistant turn to an Anthropic model, as its tool loop requir
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tortoise.expressions import Q
 
-from app.content import BLOB_SCHEME, with_data_urls
+from app.content import BLOB_SCHEME, data_url, with_data_urls
 from app.db.models import Blob, Message, Status
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 
@@ -99,7 +98,4 @@ def _openai_message(row: Message, blobs: dict[str, Blob]) -> dict[str, Any]:
 
 
 def _data_urls(blobs: dict[str, Blob]) -> dict[str, str]:
-    return {
-        sha: f"data:{blob.media_type};base64,{base64.b64encode(blob.data).decode()}"
-        for sha, blob in blobs.items()
-    }
+    return {sha: data_url(blob) for sha, blob in blobs.items()}

@@ -21,6 +21,8 @@ from app.errors import HaiaError, InvalidRequest, RateLimited, UpstreamTimeout
 from app.events import Event
 from app.generations import (
     Ending,
+    add_tool_piece,
+    assembled,
     end_as,
     end_run,
     take_fence,
@@ -365,14 +367,8 @@ class _ToolCalls:
         self.inner.reasoning(text)
 
     def tool(self, piece: dict[str, Any]) -> None:
-        call = self.pieces.setdefault(
-            piece["index"],
-            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-        )
-        call["id"] = piece.get("id") or call["id"]
-        call["function"]["name"] = piece.get("name") or call["function"]["name"]
-        call["function"]["arguments"] += piece.get("arguments") or ""
+        add_tool_piece(self.pieces, piece)
         self.inner.tool(piece)
 
     def calls(self) -> list[dict[str, Any]] | None:
-        return [self.pieces[index] for index in sorted(self.pieces)] or None
+        return assembled(self.pieces)
