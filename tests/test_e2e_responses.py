@@ -335,7 +335,7 @@ async def test_reasoning_as_reasoning_text_or_as_summary(
     events = [dumped(event) async for event in summary]
     assert_order(events)
     order = [e["type"] for e in events]
-    assert not any(kind.startswith("response.reasoning_text") for kind in kinds)
+    assert not any(kind.startswith("response.reasoning_text") for kind in order)
     for kind in (
         "response.reasoning_summary_part.added",
         "response.reasoning_summary_text.delta",
