@@ -497,6 +497,11 @@ async def test_store_false_keeps_nothing_after_the_end(stack: Stack, sdk: AsyncO
     assert response.output_text == expected(3)
     with pytest.raises(NotFoundError):
         await sdk.responses.retrieve(response.id)
+    # Its events stay resumable until HAIA_REPLAY_TTL after its end.
+    replay = await sdk.responses.retrieve(response.id, stream=True, starting_after=4)
+    events = [dumped(event) async for event in replay]  # 4 was the first delta
+    assert events[0]["sequence_number"] == 5 and events[-1]["type"] == "response.completed"
+    assert text_of(events) == expected(3)[len("tok0 ") :]
     rows = await dbcheck.query(
         stack.database_url,
         "SELECT id FROM haia_message WHERE content LIKE $1 OR completion_id = $2",

@@ -7,6 +7,7 @@ requests are translated by `app.responses_schema`, events encoded by `app.respon
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -163,6 +164,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
             store=body.store,
         )
 
+    if not body.store:
+        await _remember(svc, request.ctx.owner, meta)
     async with svc.relay.follow(response_id) as follower:
         if after is not None or not body.store:
             turn = await start_chain_turn(
@@ -194,6 +197,25 @@ async def create_response(request: Request) -> HTTPResponse | None:
             return json_response(ResponseEncoder(meta).response(), headers=headers)
         events = await _collect(svc, follower, turn)
         return json_response(_encoded(meta, events).response(), headers=headers)
+
+
+async def _remember(svc: Services, owner: str, meta: dict[str, Any]) -> None:
+    """Keep a `store: false` response's metadata in Redis as long as its replay log may live,
+    so its events stay resumable after its rows are gone."""
+    ttl = svc.settings.job_timeout + svc.settings.replay_ttl
+    data = json.dumps({"owner": owner, "meta": meta})
+    await svc.redis.set(keys.response_meta(str(meta["id"])), data, ex=ttl)
+
+
+async def _remembered(svc: Services, owner: str, response_id: str) -> dict[str, Any] | None:
+    if not looks_like_response_id(response_id):
+        return None
+    raw = await svc.redis.get(keys.response_meta(response_id))
+    data = json.loads(raw) if raw else None
+    if not isinstance(data, dict) or data.get("owner") != owner:
+        return None
+    meta: dict[str, Any] = data["meta"]
+    return meta
 
 
 def _conversation_param(request: Request, body: ResponsesRequest) -> str | None:
@@ -371,7 +393,16 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse | Non
             raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
         return json_response(await _current(svc, stored, message))
     async with svc.relay.follow(response_id) as follower:
-        stored, message = await _stored(request, response_id)  # after subscribing
+        try:  # after subscribing: nothing can slip by
+            stored, message = await _stored(request, response_id)
+        except NotFound:
+            # A `store: false` response that ended: resumable while its replay log lives.
+            meta = await _remembered(svc, request.ctx.owner, response_id)
+            if meta is None or not await follower.has_log():
+                raise
+            response = await open_stream(request, {})
+            await relay_encoded(response, ResponseStream(meta, after=after), follower.events())
+            return None
         headers = {CONVERSATION_HEADER: str(stored.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():
             events: AsyncGenerator[Event | None, None] = _replay(message)
@@ -415,7 +446,9 @@ async def delete_response(request: Request, response_id: str) -> HTTPResponse:
             f"Response {response_id!r} is still running; cancel it first.", param="response_id"
         )
     await stored.delete()
-    await svc.redis.delete(keys.gen_log(response_id), keys.gen_fence(response_id))
+    await svc.redis.delete(
+        keys.gen_log(response_id), keys.gen_fence(response_id), keys.response_meta(response_id)
+    )
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
