@@ -300,12 +300,14 @@ def function_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for tool in tools or ():
         kind = tool.get("type")
-        if kind == "function" and tool.get("name"):
+        if kind == "function" and isinstance(tool.get("name"), str) and tool["name"]:
             found.append({**tool, "original": tool["name"]})
         elif kind == "namespace":
             namespace = str(tool.get("name") or "")
             for inner in tool.get("tools") or ():
-                if inner.get("type", "function") != "function" or not inner.get("name"):
+                if not isinstance(inner, dict) or inner.get("type", "function") != "function":
+                    continue
+                if not isinstance(inner.get("name"), str) or not inner["name"]:
                     continue
                 found.append(
                     {
@@ -391,3 +393,72 @@ def _message_of(item: dict[str, Any], index: int) -> ChatMessage | None:
     if kind in _SKIPPED_ITEMS:
         return None
     return None  # hosted tools' calls and outputs: the model never had those tools
+
+
+# -- documentation models (the OpenAPI description; the routes build plain dicts) -------------
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A response (`object: "response"`): the body of `POST /v1/responses`, of `GET`, and the
+    `response` of every lifecycle event. Every field of the Open Responses `ResponseResource`
+    is present."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    completed_at: int | None
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: bool
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: int | None
+    model: str
+    output: list[dict[str, Any]]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    reasoning: dict[str, Any] | None
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    service_tier: str
+    store: bool
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    truncation: Literal["disabled"]
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, str]
+    conversation: dict[str, str] | None
+
+
+class InputItemList(BaseModel):
+    """`GET /v1/responses/{id}/input_items`: the input items, each with its `id`."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"]
+    deleted: bool
