@@ -11,7 +11,8 @@ the result; the web, worker and upstream logs stay in the temporary directory it
                                 [--database-url postgres://…] [--redis-url redis://…/14]
 
 An answer is *whole* when it is HTTP 200, carries exactly the expected text, has no error chunk,
-and ends with `data: [DONE]` after a chunk with a `finish_reason`. Everything else is counted by
+and ends with `data: [DONE]` after a chunk with a `finish_reason` (with `--api responses`: the
+Responses API, streamed; after `response.completed`). Everything else is counted by
 kind. The client is a bare HTTP/1.1 + SSE reader on uvloop (no HTTP library per chunk), so it
 costs little next to what it measures; its own CPU seconds are printed with the rest.
 """
@@ -89,6 +90,9 @@ class Result:
         except ValueError:
             self.bad_chunk = True
             return
+        if isinstance(chunk, dict) and "type" in chunk:
+            self._on_response_event(chunk)
+            return
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {}
             self.error_code = str(error.get("code") or error.get("type") or "unknown")
@@ -101,6 +105,20 @@ class Result:
                 self.parts.append(content)
             if choice.get("finish_reason"):
                 self.finished = True
+
+    def _on_response_event(self, event: dict[str, object]) -> None:
+        """A Responses API event (`--api responses`)."""
+        kind = event["type"]
+        if kind == "response.output_text.delta":
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self.start
+            self.parts.append(str(event["delta"]))
+        elif kind == "response.completed":
+            self.finished = True
+        elif kind == "error":
+            self.error_code = str(event.get("code") or "unknown")
+        elif kind in ("response.failed", "response.incomplete"):
+            self.error_code = self.error_code or str(kind)
 
     def on_error_body(self, body: bytes) -> None:
         try:
@@ -242,13 +260,22 @@ class Target:
     host: str
     port: int
     model: str
+    api: str = "chat"
 
     def request(self, prompt: str) -> bytes:
-        body = json.dumps(
-            {"model": self.model, "stream": True, "messages": [{"role": "user", "content": prompt}]}
-        ).encode()
+        if self.api == "responses":
+            path = "/v1/responses"
+            data: dict[str, object] = {"model": self.model, "stream": True, "input": prompt}
+        else:
+            path = "/v1/chat/completions"
+            data = {
+                "model": self.model,
+                "stream": True,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+        body = json.dumps(data).encode()
         head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
@@ -606,7 +633,7 @@ def run_haia(bench: Bench, stack: Stack, levels: list[int], found: dict[int, Lev
     assert stack.worker is not None
     bench.pids.update(web=stack.web.process.pid, worker=stack.worker.process.pid)
     port = int(stack.base_url.rsplit(":", 1)[1])
-    target = Target("HAIA", "127.0.0.1", port, "ollama:fake-model")
+    target = Target("HAIA", "127.0.0.1", port, "ollama:fake-model", bench.args.api)
     bench.warm_up(target)
     drain(bench.args.redis_url, DRAIN_TIMEOUT)
     for n in levels:
@@ -642,6 +669,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--direct-only", action="store_true", help="check the upstream and the client alone"
     )
+    parser.add_argument(
+        "--api",
+        choices=("chat", "responses"),
+        default="chat",
+        help="HAIA's wire: chat completions, or the Responses API (stream: true)",
+    )
     return parser.parse_args(argv)
 
 
@@ -667,7 +700,8 @@ def main() -> None:
     print(
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
         f"database {database_url.split(':')[0]}; {args.tokens} tokens at {args.rate:g} tokens/s "
-        f"per stream; HAIA_WORKER_MAX_JOBS={args.max_jobs}; open files {nofile}; logs in {work}",
+        f"per stream; HAIA through {args.api}; HAIA_WORKER_MAX_JOBS={args.max_jobs}; "
+        f"open files {nofile}; logs in {work}",
         flush=True,
     )
     fake, upstream_port = start_upstream(work)
