@@ -294,7 +294,8 @@ class ResponseEncoder:
             if namespace is not None:
                 item["namespace"], item["name"] = namespace
             self.output.append(item)
-            out.append(self._event("response.output_item.added", output_index=index, item=dict(item)))
+            added = self._event("response.output_item.added", output_index=index, item=dict(item))
+            out.append(added)
         arguments = str(piece.get("arguments") or "")
         if arguments:
             self._texts[index].append(arguments)
