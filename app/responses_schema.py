@@ -10,43 +10,32 @@ out as a summary). Nothing here runs per token.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from app.errors import InvalidRequest
 from app.schemas import ChatCompletionRequest, ChatMessage, ReasoningEffort, StrictFloat
 
-HOSTED_TOOLS = frozenset(
-    {
-        "web_search",
-        "web_search_preview",
-        "web_search_2025_08_26",
-        "web_search_preview_2025_03_11",
-        "file_search",
-        "computer_use_preview",
-        "computer",
-        "code_interpreter",
-        "image_generation",
-        "mcp",
-        "local_shell",
-        "shell",
-        "apply_patch",
-        "custom",
-        "tool_search",
-    }
-)
-"""Tools the server runs at OpenAI: not offered to the model, never an error."""
-
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _SKIPPED_ITEMS = frozenset({"reasoning", "item_reference", "compaction", "compaction_summary"})
 
 
+_EFFORTS: frozenset[str] = frozenset(get_args(ReasoningEffort))
+
+
 class Reasoning(BaseModel):
+    """`reasoning`: values a model cannot take are accepted and not passed on (newer clients
+    send newer ones)."""
+
     model_config = ConfigDict(extra="allow")
 
-    effort: ReasoningEffort | None = None
-    summary: Literal["auto", "concise", "detailed"] | None = None
+    effort: str | None = None
+    summary: str | None = None
+
+    @property
+    def wants_summary(self) -> bool:
+        return self.summary not in (None, "", "none")
 
 
 class TextFormat(BaseModel):
@@ -63,7 +52,7 @@ class TextConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
+    verbosity: str | None = None
 
 
 class ResponsesRequest(BaseModel):
@@ -158,7 +147,7 @@ class ResponsesRequest(BaseModel):
                 chat[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             chat["max_tokens"] = self.max_output_tokens
-        if self.reasoning is not None and self.reasoning.effort is not None:
+        if self.reasoning is not None and self.reasoning.effort in _EFFORTS:
             chat["reasoning_effort"] = self.reasoning.effort
         response_format = self._response_format()
         if response_format is not None:
@@ -253,7 +242,7 @@ class ResponsesRequest(BaseModel):
                 for tool in function_tools(self.tools)
                 if tool.get("namespace")
             },
-            "summary": bool(self.reasoning is not None and self.reasoning.summary),
+            "summary": bool(self.reasoning is not None and self.reasoning.wants_summary),
         }
 
     def unsupported_part(self) -> tuple[str, str] | None:
