@@ -35,12 +35,15 @@ _KEEP_CODES = frozenset({"context_length_exceeded", "rate_limit_exceeded"})
 `server_error`, with HAIA's own code in the `error` event before it."""
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))
+"""One encoder for every frame (`json.dumps` with arguments builds a new one per call)."""
+_TEXT_DELTA = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+
+
 def frame(event: dict[str, Any]) -> bytes:
     """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
     kind: str = event["type"]
-    return (
-        "event: " + kind + "\ndata: " + json.dumps(event, separators=(",", ":")) + "\n\n"
-    ).encode()
+    return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
 def _usage(usage: dict[str, int] | None, reasoning_tokens: int) -> dict[str, Any] | None:
@@ -168,6 +171,23 @@ class ResponseEncoder:
             self.status = "in_progress"
             return [self._event("response.in_progress", response=self.response())]
         return self._end(event)
+
+    def text_frame(self, text: str, after: int) -> bytes | None:
+        """The hot path: a content delta while a message item is open, rendered straight to
+        its frame (the same bytes `frame` makes of `feed`'s event); None when `feed` must
+        take it (it opens an item)."""
+        index = self._open
+        if index is None or self.output[index]["type"] != "message":
+            return None
+        self._texts[index].append(text)
+        self.seq += 1
+        if self.seq <= after:
+            return b""
+        return (
+            f'{_TEXT_DELTA}"sequence_number":{self.seq},"item_id":"{self.output[index]["id"]}",'
+            f'"output_index":{index},"content_index":0,"delta":{_JSON.encode(text)},'
+            '"logprobs":[]}\n\n'
+        ).encode()
 
     def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -460,6 +480,10 @@ class ResponseStream:
         return self._frames(self.encoder.prelude()) if self._prelude else b""
 
     def encode(self, event: Event) -> bytes:
+        if event.text and event.type == "delta" and event.tool is None and not event.reasoning:
+            fast = self.encoder.text_frame(event.text, self._after)
+            if fast is not None:
+                return fast
         return self._frames(self.encoder.feed(event))
 
     def lost(self, detail: dict[str, Any]) -> bytes:
