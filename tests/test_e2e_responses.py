@@ -560,6 +560,29 @@ async def test_openwebui_connection_joins_one_conversation_per_chat(
     assert len(await dbcheck.messages(stack.database_url, first.conversation.id)) == 4
 
 
+PNG_URL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQ"
+    "GAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_image_parts_reach_the_model(stack: Stack, sdk: AsyncOpenAI, model: str) -> None:
+    response = await sdk.responses.create(
+        model=model,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this"},
+                    {"type": "input_image", "image_url": PNG_URL, "detail": "auto"},
+                ],
+            }
+        ],
+    )
+    assert response.output_text == "Echo: what is this [images: 1]"
+
+
 async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     with pytest.raises(BadRequestError) as caught:
         await sdk.responses.create(
