@@ -605,8 +605,8 @@ async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     assert fine.status == "completed"
 
 
-async def test_owners_are_isolated(make_stack: StackFactory) -> None:
-    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret")
+async def test_owners_are_isolated_and_limits_apply(make_stack: StackFactory) -> None:
+    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret", HAIA_MAX_MESSAGES="3")
     stack.start_web()
     stack.start_worker()
     base = f"{stack.base_url}/v1"
@@ -629,6 +629,13 @@ async def test_owners_are_isolated(make_stack: StackFactory) -> None:
             )
         assert caught.value.code == "previous_response_not_found"
         assert (await one.responses.retrieve(mine.id)).output_text == expected(2)
+        # HAIA_MAX_MESSAGES counts input items.
+        with pytest.raises(BadRequestError) as caught:
+            await one.responses.create(
+                model="ollama:fake-model",
+                input=[{"role": "user", "content": f"m{i}"} for i in range(4)],
+            )
+        assert caught.value.param == "input"
 
 
 async def test_web_sigkill_during_a_background_stream_resumes_with_starting_after(
