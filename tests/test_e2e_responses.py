@@ -274,9 +274,14 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     followup = await sdk.responses.create(
         model="ollama:fake-model",
         store=False,
-        tools=[crm],
+        stream=False,
+        tools=[crm, {"type": "web_search", "external_web_access": False}],
+        tool_choice="auto",
+        parallel_tool_calls=False,
         include=["reasoning.encrypted_content"],
-        reasoning={"summary": "auto"},
+        reasoning={"effort": "medium", "summary": "auto"},
+        prompt_cache_key="3f2c0e0e-codex-session",
+        text={"verbosity": "low"},
         input=cast(
             Any,
             [
@@ -310,6 +315,9 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
     assert sent["messages"][2]["tool_calls"][0]["function"]["name"] == "crm__lookup_customer"
     assert sent["messages"][3] == {"role": "tool", "tool_call_id": call.call_id, "content": "Ada"}
+    assert [t["function"]["name"] for t in sent["tools"]] == ["crm__lookup_customer"]
+    assert sent["parallel_tool_calls"] is False and sent["reasoning_effort"] == "medium"
+    assert followup.prompt_cache_key == "3f2c0e0e-codex-session"
 
 
 @pytest.mark.parametrize("model", MODELS)
