@@ -13,10 +13,12 @@ from typing import Any, cast
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from openai import APIStatusError, AsyncOpenAI, BadRequestError, NotFoundError
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from app import keys
 from tests import dbcheck
 from tests.procs import Stack
 from tests.sse import Frame, frames
@@ -614,7 +616,11 @@ async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
 
 
 async def test_owners_are_isolated_and_limits_apply(make_stack: StackFactory) -> None:
-    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret", HAIA_MAX_MESSAGES="3")
+    stack = make_stack(
+        HAIA_API_KEYS="key-one-secret,key-two-secret",
+        HAIA_MAX_MESSAGES="3",
+        HAIA_REPLAY_TTL="1",
+    )
     stack.start_web()
     stack.start_worker()
     base = f"{stack.base_url}/v1"
@@ -636,7 +642,18 @@ async def test_owners_are_isolated_and_limits_apply(make_stack: StackFactory) ->
                 model="ollama:fake-model", input="x", previous_response_id=mine.id
             )
         assert caught.value.code == "previous_response_not_found"
-        assert (await one.responses.retrieve(mine.id)).output_text == expected(2)
+        # Once its replay log expired, a response is encoded from what was stored: the same.
+        store = aioredis.Redis.from_url(stack.env["HAIA_REDIS_URL"])
+        while await store.exists(keys.gen_log(mine.id)):  # bounded by the test timeout
+            await asyncio.sleep(0.2)
+        await store.aclose()
+        again = await one.responses.retrieve(mine.id)
+        assert again.output_text == expected(2) and again.status == "completed"
+        assert [item.id for item in again.output] == [item.id for item in mine.output]
+        replay = await one.responses.retrieve(mine.id, stream=True)
+        events = [dumped(event) async for event in replay]
+        assert_order(events)
+        assert text_of(events) == expected(2)
         # HAIA_MAX_MESSAGES counts input items.
         with pytest.raises(BadRequestError) as caught:
             await one.responses.create(
