@@ -29,7 +29,9 @@ class Event:
     """A piece of a tool call: `index`, and `id`/`name` on its first piece, `arguments`."""
     status: str | None = None
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
+    """`prompt_tokens`, `completion_tokens`, `total_tokens`, and `completion_tokens_details`
+    (`reasoning_tokens`) when the upstream reported it."""
     error: dict[str, Any] | None = None
     http_status: int | None = None
     """For a failed `end`: the HTTP status a client that has not started reading gets."""

@@ -135,13 +135,20 @@ class Ending:
     """The digest of the conversation before this turn, when the run already read it."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    """Of `completion_tokens`, the thinking, when the upstream reported it."""
     first_token_at: datetime | None = None
     error: HaiaError | None = None
     error_detail: dict[str, Any] | None = None
 
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         usage = Usage.of(self.prompt_tokens, self.completion_tokens)
-        return usage.model_dump() if usage else None
+        if usage is None:
+            return None
+        data: dict[str, Any] = usage.model_dump()
+        if self.reasoning_tokens is not None:
+            data["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return data
 
     def detail(self) -> dict[str, Any] | None:
         return self.error.body()["error"] if self.error else self.error_detail

@@ -46,11 +46,16 @@ def frame(event: dict[str, Any]) -> bytes:
     return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
-def _usage(usage: dict[str, int] | None, reasoning_tokens: int) -> dict[str, Any] | None:
+def _usage(usage: dict[str, Any] | None, reasoning_deltas: int) -> dict[str, Any] | None:
+    """Responses usage from the `end` event's; reasoning tokens as the upstream reported them,
+    else counted from the streamed reasoning deltas."""
     if usage is None:
         return None
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
+    details = usage.get("completion_tokens_details")
+    reported = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    reasoning_tokens = reported if isinstance(reported, int) else reasoning_deltas
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},

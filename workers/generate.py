@@ -232,9 +232,11 @@ class Outcome:
     finish_reason: str
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_parts: list[dict[str, Any]] | None = None
+    reasoning_tokens: int | None = None
 
     def apply(self, ending: Ending) -> None:
         ending.prompt_tokens, ending.completion_tokens = self.prompt_tokens, self.completion_tokens
+        ending.reasoning_tokens = self.reasoning_tokens
         ending.finish_reason = self.finish_reason
         ending.tool_calls, ending.reasoning_parts = self.tool_calls, self.reasoning_parts
 
@@ -347,9 +349,12 @@ async def _request_openai(
     collector = _ToolCalls(sink)
     result = await st.wire.stream(Endpoint(provider, base_url, api_key), body, collector)
     usage = result.get("usage") or {}
+    details = usage.get("completion_tokens_details") or {}
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     return Outcome(
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
+        reasoning_tokens=reasoning if isinstance(reasoning, int) else None,
         finish_reason=_FINISH_REASONS.get(result["finish_reason"], result["finish_reason"]),
         tool_calls=collector.calls(),
     )
