@@ -480,7 +480,11 @@ async def test_cancel_delete_and_input_items(stack: Stack, sdk: AsyncOpenAI) -> 
     cancelled = await sdk.responses.cancel(response.id)
     assert cancelled.status == "cancelled"
     assert (await sdk.responses.cancel(response.id)).status == "cancelled"  # idempotent
-    assert (await sdk.responses.retrieve(response.id)).status == "cancelled"
+    later = await sdk.responses.retrieve(response.id)
+    assert later.status == "cancelled"
+    # The generation stopped: what it said is a part of the answer, and it says no more.
+    assert expected(400).startswith(later.output_text) and later.output_text != expected(400)
+    assert later.output_text == cancelled.output_text
 
     items = await sdk.responses.input_items.list(response.id)
     texts = [cast(Any, item).content[0].text for item in items.data]
