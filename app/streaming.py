@@ -42,12 +42,16 @@ def failure(event: Event) -> HaiaError:
     )
 
 
-async def first_event(events: AsyncGenerator[Event | None, None]) -> Event | None:
-    """The first delta or end event, or None once a keep-alive interval passes in silence."""
+async def first_event(
+    events: AsyncGenerator[Event | None, None], model: str
+) -> tuple[Event | None, str]:
+    """The first delta or end event (None once a keep-alive interval passes in silence), and
+    the model the `start` events before it announced (else `model`)."""
     async for event in events:
         if event is None or event.type != "start":
-            return event
-    return None
+            return event, (event.model if event and event.model else model)
+        model = event.model or model
+    return None, model
 
 
 async def open_stream(request: Request, headers: dict[str, str]) -> HTTPResponse:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
-from app.errors import HaiaError, InvalidRequest, RateLimited, UpstreamTimeout
+from app.errors import HaiaError, InvalidRequest, ModelNotFound, RateLimited, UpstreamTimeout
 from app.events import Event
 from app.generations import (
     Ending,
@@ -29,13 +29,11 @@ from app.generations import (
     ttls,
 )
 from app.inflight import Inflight
-from app.llm import (
-    openai_endpoint,
-    split_model_id,
-)
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher
+from app.upstreams import Upstream, model_chain, split_model_id
 from workers.context import load_context
+from workers.lease import Lease
 from workers.openai_wire import Endpoint, Transient
 from workers.state import WorkerState, state
 
@@ -75,11 +73,52 @@ async def generate(
         # to attached clients, so the generation ends here with what was said.
         await end_as(st.redis, st.settings, completion_id, status=Status.INTERRUPTED)
         return Status.INTERRUPTED.value
+    lease = Lease(
+        st.redis,
+        completion_id=completion_id,
+        worker=st.worker_id,
+        arrival_ms=int(message.created_at.timestamp() * 1000),
+    )
+    try:
+        return await _take_and_run(st, message, lease, options or {})
+    finally:
+        await asyncio.shield(lease.leave())
+
+
+async def _take_and_run(
+    st: WorkerState, message: Message, lease: Lease, options: dict[str, Any]
+) -> str:
+    """Wait (still `queued`) for a slot on the first model's upstream, then run."""
+    completion_id = str(message.completion_id)
+    first = first_upstream(st, message.model or "")
+    if first is not None and first.max_concurrent:
+
+        async def waiting(upstream: Upstream) -> None:
+            log.info("generation %s waits for a slot on %s", completion_id, upstream.name)
+            await Inflight(st.redis).waiting(
+                completion_id,
+                conversation=message.conversation_id,  # type: ignore[attr-defined]
+                model=message.model or "",
+                request_id=message.request_id or "-",
+                worker=st.worker_id,
+                upstream=upstream.name,
+            )
+
+        if not await lease.enter(first, on_wait=waiting):
+            if await st.redis.exists(keys.gen_cancel(completion_id)):
+                await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
+            return "skipped"  # ended while it waited (cancelled, or timed out in the queue)
     run = await take_fence(st.redis, st.settings, message, status=Status.IN_PROGRESS)
     if run is None:
         return "skipped"
     publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
-    return await _generate(st, message, publisher, options or {})
+    return await _generate(st, message, publisher, options, lease)
+
+
+def first_upstream(st: WorkerState, model_id: str) -> Upstream | None:
+    """The upstream of the first model `model_id` (or its alias) tries."""
+    target = split_model_id(model_chain(model_id, st.settings.aliases)[0], st.settings.upstreams)
+    return target[0] if target else None
 
 
 class Sink(Protocol):
@@ -100,6 +139,8 @@ class _Progress:
     reasoning_parts: list[str] = field(default_factory=list)
     first_token_at: datetime | None = None
     count: int = 0
+    model: str | None = None
+    """The model answering now."""
 
     def _seen(self) -> None:
         if self.publisher.fenced:
@@ -126,25 +167,32 @@ class _Progress:
 
 
 async def _generate(
-    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any]
+    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any], lease: Lease
 ) -> str:
     completion_id = str(message.completion_id)
     inflight = Inflight(st.redis)
+    model = model_chain(message.model or "", st.settings.aliases)[0]
     entry = inflight.running_entry(
         conversation=message.conversation_id,  # type: ignore[attr-defined]
-        model=message.model or "",
+        model=model,
         request_id=message.request_id or "-",
         worker=st.worker_id,
         attempt=publisher.token,
     )
-    await asyncio.gather(inflight.running(completion_id, entry), publisher.start())
-    log.info("generation %s started on %s (run %d)", completion_id, message.model, publisher.token)
+    await asyncio.gather(inflight.running(completion_id, entry), publisher.start(model))
+    log.info("generation %s started on %s (run %d)", completion_id, model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
     progress = _Progress(
         publisher=publisher,
         on_count=lambda n: st.batcher.later(inflight.progress(completion_id, entry, n)),
+        model=model,
     )
+
+    async def announce(fallback: str) -> None:
+        progress.model = entry["model"] = fallback
+        await asyncio.gather(inflight.running(completion_id, entry), publisher.start(fallback))
+
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
             context = await load_context(message, limit=st.settings.context_messages)
@@ -155,6 +203,8 @@ async def _generate(
                 prompt=context,
                 options=options,
                 sink=progress,
+                lease=lease,
+                announce=announce,
             )
         outcome.apply(ending)
     except Fenced:
@@ -215,6 +265,8 @@ async def _end(
     ending.text = "".join(progress.parts)
     ending.reasoning = "".join(progress.reasoning_parts)
     ending.first_token_at = progress.first_token_at
+    if ending.status == Status.COMPLETED or progress.count:
+        ending.model = progress.model  # it answered, at least in part
     try:
         await end_run(publisher, message, ending)
     finally:
@@ -230,6 +282,8 @@ class Outcome:
     finish_reason: str
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_parts: list[dict[str, Any]] | None = None
+    model: str | None = None
+    """The model that answered."""
 
     def apply(self, ending: Ending) -> None:
         ending.prompt_tokens, ending.completion_tokens = self.prompt_tokens, self.completion_tokens
@@ -240,7 +294,7 @@ class Outcome:
 class Prompt(Protocol):
     """What a model request carries, renderable for either wire."""
 
-    def model_messages(self) -> list[Any]: ...
+    def model_messages(self, kind: str) -> list[Any]: ...
     def openai_messages(self) -> list[dict[str, Any]]: ...
 
 
@@ -251,27 +305,70 @@ async def stream_model(
     prompt: Prompt,
     options: dict[str, Any],
     sink: Sink,
+    lease: Lease | None = None,
+    announce: Callable[[str], Awaitable[None]] | None = None,
 ) -> Outcome:
     """Stream one model response into `sink`: content, reasoning and tool-call deltas.
 
-    Transient upstream failures (rate limit with a known wait, overload, refused connection)
-    are retried with a bounded backoff, and only while nothing has been sent: a failure
-    mid-stream is never retried silently. The SDKs' own retries are off so the bound is HAIA's.
+    An alias's models are tried in order: the next one when one fails before its first token
+    (unreachable, overloaded, rate-limited, any error), announced with `announce` before it
+    answers; never once something was sent. Each holds a slot of its upstream (`lease`) when
+    that upstream is limited. The last (or only) model's transient failures (rate limit with
+    a known wait, overload, refused connection) are retried with a bounded backoff, also only
+    while nothing has been sent. The SDKs' own retries are off so the bound is HAIA's.
     """
-    settings = st.settings
+    chain = model_chain(model_id, st.settings.aliases)
     watched = _Watched(sink)
-    for attempt in range(settings.llm_retries + 1):
+    for index, candidate in enumerate(chain):
+        last = index == len(chain) - 1
         try:
-            if model_id.partition(":")[0] in OPENAI_WIRE_PROVIDERS:
-                return await _request_openai(st, model_id, prompt, options, watched)
-            return await _request_pydantic(st, model_id, prompt, options, watched)
+            target = split_model_id(candidate, st.settings.upstreams)
+            if target is None:
+                raise ModelNotFound(f"The model {candidate!r} names no upstream HAIA knows.")
+            upstream, name = target
+            if lease is not None and not await lease.enter(upstream):
+                raise Fenced(candidate)  # ended elsewhere while it waited for a slot
+            if index and announce is not None:
+                await announce(candidate)
+            retries = st.settings.llm_retries if last else 0
+            outcome = await _attempts(st, upstream, name, prompt, options, watched, retries)
+        except HaiaError as exc:
+            if watched.sent or last:
+                raise
+            log.warning(
+                "%s failed before its first token (%s); trying %s",
+                candidate,
+                exc.code,
+                chain[index + 1],
+            )
+            continue
+        outcome.model = candidate
+        return outcome
+    raise AssertionError("unreachable")
+
+
+async def _attempts(
+    st: WorkerState,
+    upstream: Upstream,
+    name: str,
+    prompt: Prompt,
+    options: dict[str, Any],
+    watched: _Watched,
+    retries: int,
+) -> Outcome:
+    for attempt in range(retries + 1):
+        try:
+            if upstream.kind == "anthropic":
+                return await _request_pydantic(st, upstream, name, prompt, options, watched)
+            return await _request_openai(st, upstream, name, prompt, options, watched)
         except Transient as exc:
-            wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
-            if watched.sent or attempt == settings.llm_retries or wait is None:
+            wait = _retry_wait(exc, attempt, st.settings.llm_retry_max_wait)
+            if watched.sent or attempt == retries or wait is None:
                 raise exc.error from None
             log.info(
-                "upstream %s (%s); retry %d in %.1fs",
-                model_id,
+                "upstream %s:%s (%s); retry %d in %.1fs",
+                upstream.name,
+                name,
                 type(exc).__name__,
                 attempt + 1,
                 wait,
@@ -310,13 +407,19 @@ def _retry_wait(exc: Transient, attempt: int, max_wait: float) -> float | None:
 
 
 async def _request_pydantic(
-    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
+    st: WorkerState,
+    upstream: Upstream,
+    name: str,
+    prompt: Prompt,
+    options: dict[str, Any],
+    sink: Sink,
 ) -> Outcome:
     from workers import pydantic_model  # loaded only when such a model is used
 
     collector = _ToolCalls(sink)  # stored as streamed: what the client will send back
+    messages = prompt.model_messages(upstream.kind)
     result = await pydantic_model.stream(
-        st.models, st.settings, model_id, prompt.model_messages(), options, collector
+        st.models, st.settings, upstream, name, messages, options, collector
     )
     return Outcome(
         prompt_tokens=result["prompt_tokens"],
@@ -327,14 +430,14 @@ async def _request_pydantic(
     )
 
 
-OPENAI_WIRE_PROVIDERS = frozenset({"ollama", "openai-chat"})
-
-
 async def _request_openai(
-    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
+    st: WorkerState,
+    upstream: Upstream,
+    name: str,
+    prompt: Prompt,
+    options: dict[str, Any],
+    sink: Sink,
 ) -> Outcome:
-    provider, name = split_model_id(model_id)
-    base_url, api_key = openai_endpoint(provider, st.settings)
     body: dict[str, Any] = {
         **options.get("openai", {}),
         "model": name,
@@ -343,7 +446,7 @@ async def _request_openai(
         "stream_options": {"include_usage": True},
     }
     collector = _ToolCalls(sink)
-    result = await st.wire.stream(Endpoint(provider, base_url, api_key), body, collector)
+    result = await st.wire.stream(Endpoint(upstream), body, collector)
     usage = result.get("usage") or {}
     return Outcome(
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
