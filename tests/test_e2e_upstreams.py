@@ -125,8 +125,10 @@ def tight(database_url: str, fakes: Fakes, fake_upstream: str, log_dir: Path) ->
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
+async def http(fakes: Fakes, fake_upstream: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=60) as client:
+        for fake in (fakes.gpubox, fakes.laptop, fake_upstream):  # each test sees its own
+            await client.delete(f"{fake}/_requests")
         yield client
 
 
