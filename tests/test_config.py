@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from app.config import Settings, load_settings
+from app.upstreams import model_chain, split_model_id
 from tests.procs import ROOT
 
 
@@ -209,3 +210,23 @@ def test_only_haia_upstream_names_make_upstreams(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("GPUBOX", "ollama:http://x:1/v1")
     monkeypatch.setenv("HAIA_UPSTREAMS", "ollama:http://x:1/v1")
     assert list(Settings().upstreams) == ["ollama", "anthropic", "openai-chat"]
+
+
+def test_the_text_before_the_first_colon_is_an_upstream_only_if_one_has_that_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clear_upstreams(monkeypatch)
+    monkeypatch.setenv("HAIA_UPSTREAM_GPUBOX", "ollama:http://10.0.0.5:11434/v1")
+    monkeypatch.setenv("HAIA_ALIASES", "smart=anthropic:claude-sonnet-4-5|gpubox:qwen3:8b")
+    settings = Settings()
+    upstreams = settings.upstreams
+    split = split_model_id("gpubox:qwen3:8b", upstreams)
+    assert split is not None and (split[0].name, split[1]) == ("gpubox", "qwen3:8b")
+    assert split_model_id("qwen3:8b", upstreams) is None  # a bare Ollama name
+    assert split_model_id("gpubox:", upstreams) is None
+    assert split_model_id("smart", upstreams) is None
+    assert model_chain("smart", settings.aliases) == [
+        "anthropic:claude-sonnet-4-5",
+        "gpubox:qwen3:8b",
+    ]
+    assert model_chain("gpubox:llama3.2", settings.aliases) == ["gpubox:llama3.2"]
