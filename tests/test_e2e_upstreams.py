@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -359,7 +359,7 @@ async def test_no_fallback_once_text_was_sent(
 
 
 async def _slot_holders(rds: aioredis.Redis) -> dict[str, str]:
-    return dict(await rds.hgetall("haia:upstream:gpubox:running"))
+    return dict(await cast(Awaitable[dict[str, str]], rds.hgetall("haia:upstream:gpubox:running")))
 
 
 async def _waiting(rds: aioredis.Redis) -> list[str]:
@@ -392,7 +392,8 @@ async def test_one_slot_three_streams_in_arrival_order(
     assert (await _get(http, lab, running))["status"] == "in_progress"
     for completion_id in waiting:
         assert (await _get(http, lab, completion_id))["status"] == "queued"
-        entry = json.loads(await rds.hget("haia:inflight", completion_id) or "{}")
+        raw = await cast(Awaitable[str | None], rds.hget("haia:inflight", completion_id))
+        entry = json.loads(raw or "{}")
         assert (entry["status"], entry["waiting_for"]) == ("queued", "gpubox")
     metrics = (await http.get(f"{lab.base_url}/metrics")).text
     assert 'haia_upstream_waiting{upstream="gpubox"} 2.0' in metrics

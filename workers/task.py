@@ -18,8 +18,8 @@ from app.generations import ttls
 from app.logs import request_id_var
 from app.publish import Publisher, claim
 from app.upstreams import model_chain
-from workers.generate import first_upstream, stream_model
 from workers.lease import Lease
+from workers.model_call import first_upstream, stream_model
 from workers.state import WorkerState, state
 
 log = logging.getLogger(__name__)
