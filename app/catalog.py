@@ -72,6 +72,9 @@ class Catalog:
         except (httpx.HTTPError, ValueError, TimeoutError) as exc:
             log.debug("model discovery of %s failed: %s", upstream.name, type(exc).__name__)
             where = f" at {upstream.base_url}" if upstream.base_url else ""
+            if isinstance(exc, httpx.HTTPStatusError):
+                status = exc.response.status_code
+                return Found(error=f"{upstream.name}{where} answered {status} to a model list")
             return Found(error=f"{upstream.name}{where} is unreachable")
         return Found(models=models, reachable=True)
 

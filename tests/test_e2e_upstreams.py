@@ -303,6 +303,16 @@ async def test_alias_falls_back_when_the_first_is_down(
     assert completion.choices[0].message.content == "Echo: fall back again"
 
 
+async def test_a_background_task_falls_back_too(
+    lab: Stack, fakes: Fakes, http: httpx.AsyncClient
+) -> None:
+    text = "### Task:\nSuggest 3 follow-up questions."
+    response = await _chat(http, lab, "smart", text)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "laptop:phi4"
+    assert [body["model"] for body in await _asked(http, fakes.laptop, text)] == ["phi4"]
+
+
 @pytest.mark.parametrize(
     ("alias", "directive", "failing", "answering"),
     [
