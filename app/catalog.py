@@ -2,10 +2,11 @@
 
 Every upstream that can be asked is asked for its models, all at once with a short timeout,
 every `REFRESH_EVERY` seconds by a background task of each web process, and again (in the
-background) when a request finds the list older than `STALE_AFTER`. Requests are answered from
-the last known lists and never wait on a probe, except the very first one of a process, which
-waits at most `PROBE_TIMEOUT`. An unreachable upstream's models are left out until it answers
-again.
+background) when a request finds the list older than `STALE_AFTER`. Each upstream's answer is
+kept as soon as it comes. Requests are answered from the last known lists and never wait on a
+probe, except the first one of a process, which waits at most `FIRST_WAIT` for the first
+round (a slow or silent upstream is then missing from it). An unreachable upstream's models
+are left out until it answers again.
 
 Per process rather than shared in Redis: a probe is one small GET per upstream every half
 minute, so sharing would save nothing worth a second source of truth, and the list keeps
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 REFRESH_EVERY = 30.0
 STALE_AFTER = 5.0
 PROBE_TIMEOUT = 2.0
+FIRST_WAIT = 0.5
 
 
 @dataclass
@@ -52,18 +54,19 @@ class Catalog:
         self._found: dict[str, Found] = {}
         self._refreshed_at: float | None = None
         self._refreshing: asyncio.Task[None] | None = None
+        self._waited = False
 
     @property
     def _probed(self) -> list[Upstream]:
         return [u for u in self._settings.upstreams.values() if u.discoverable]
 
     async def refresh(self) -> None:
-        """Ask every upstream for its models, concurrently; keep what each said."""
-        upstreams = self._probed
-        results = await asyncio.gather(*(self._probe(upstream) for upstream in upstreams))
-        pairs = zip(upstreams, results, strict=True)
-        self._found = {upstream.name: found for upstream, found in pairs}
+        """Ask every upstream for its models, concurrently; keep what each said as it comes."""
+        await asyncio.gather(*(self._refresh(upstream) for upstream in self._probed))
         self._refreshed_at = time.monotonic()
+
+    async def _refresh(self, upstream: Upstream) -> None:
+        self._found[upstream.name] = await self._probe(upstream)
 
     async def _probe(self, upstream: Upstream) -> Found:
         try:
@@ -94,8 +97,10 @@ class Catalog:
         """Make sure the lists are known; refresh stale ones in the background."""
         if self._refreshed_at is None:
             task = self._start_refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), PROBE_TIMEOUT + 1)
+            if not self._waited:
+                self._waited = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), FIRST_WAIT)
         elif time.monotonic() - self._refreshed_at >= STALE_AFTER:
             self._start_refresh()
 
