@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, cast
 
+from anthropic import AsyncAnthropic
 from pydantic_ai.direct import model_request_stream
 from pydantic_ai.exceptions import (
     ModelAPIError,
@@ -78,10 +79,12 @@ def build_model(upstream: Upstream, name: str) -> Model:
     if upstream.kind == "ollama":
         return OllamaModel(name, provider=OllamaProvider(base_url=upstream.openai_base_url))
     if upstream.kind == "anthropic":
-        return AnthropicModel(
-            name,
-            provider=AnthropicProvider(api_key=upstream.api_key or "", base_url=upstream.base_url),
+        # A client of our own: the provider would otherwise fall back to ANTHROPIC_API_KEY
+        # from the environment, sending the built-in key to a named upstream without one.
+        client = AsyncAnthropic(
+            api_key=upstream.api_key or "", base_url=upstream.base_url, max_retries=0
         )
+        return AnthropicModel(name, provider=AnthropicProvider(anthropic_client=client))
     return OpenAIChatModel(
         name,
         provider=OpenAIProvider(
