@@ -87,6 +87,9 @@ class ResponseEncoder:
         self.error: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
         self.ended = False
+        self._started = False
+        self.model: str = str(meta["model"])
+        """The model answering: the request's, until a `start` or the `end` names another."""
 
     # -- the response object ---------------------------------------------------------------
 
@@ -105,7 +108,7 @@ class ResponseEncoder:
             "instructions": meta.get("instructions"),
             "max_output_tokens": meta.get("max_output_tokens"),
             "max_tool_calls": meta.get("max_tool_calls"),
-            "model": meta["model"],
+            "model": self.model,
             "output": [self._final(index) for index in range(len(self.output))],
             "parallel_tool_calls": meta.get("parallel_tool_calls", True),
             "previous_response_id": meta.get("previous_response_id"),
@@ -173,6 +176,10 @@ class ResponseEncoder:
                 return self._delta("message", event.text)
             return []
         if event.type == "start":
+            self.model = event.model or self.model
+            if self._started:  # a fallback model announcing itself
+                return []
+            self._started = True
             self.status = "in_progress"
             return [self._event("response.in_progress", response=self.response())]
         return self._end(event)
@@ -430,6 +437,7 @@ class ResponseEncoder:
 
     def _end(self, event: Event) -> list[dict[str, Any]]:
         self.ended = True
+        self.model = event.model or self.model
         if self._completed_at is None:
             self._completed_at = int(time.time())
         self.usage = _usage(event.usage, self._reasoning_deltas)
