@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     max_concurrent_per_owner: int = Field(
         default=16, ge=0, le=100_000, validation_alias=_env("HAIA_MAX_CONCURRENT_PER_OWNER")
     )
+    max_streams_per_owner: int = Field(
+        default=64, ge=0, le=100_000, validation_alias=_env("HAIA_MAX_STREAMS_PER_OWNER")
+    )
     max_messages: int = Field(
         default=1000, ge=1, le=1_000_000, validation_alias=_env("HAIA_MAX_MESSAGES")
     )

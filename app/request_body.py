@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sanic import Request
@@ -12,6 +12,34 @@ from sanic import Request
 from app.errors import BodyTimeout, BodyTooLarge, InvalidRequest
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    """`NaN`, `Infinity`, `-Infinity`: Python's json accepts them, JSON does not."""
+    raise _NonFinite(name)
+
+
+def _nul_at(value: Any, at: tuple[int | str, ...] = ()) -> tuple[int | str, ...] | None:
+    """Where the first string (or key) holding a NUL character is, if any."""
+    if isinstance(value, str):
+        return at if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return (*at, key)
+            found = _nul_at(item, (*at, key))
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_at(item, (*at, index))
+            if found is not None:
+                return found
+    return None
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:
@@ -45,14 +73,24 @@ def parse_body(request: Request, schema: type[SchemaT]) -> SchemaT:
         raise InvalidRequest(
             f"The body must be JSON (Content-Type: application/json), not {content_type!r}."
         )
+    raw = request.body or b""
     try:
-        data = json.loads(request.body or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, _NonFinite) as exc:
         raise InvalidRequest(
             "We could not parse the JSON body of your request: it is not valid JSON."
         ) from exc
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON body must be an object.")
+    if b"\\u0000" in raw:  # cheap test first: the walk only when an escaped NUL may be there
+        nul = _nul_at(data)
+        if nul is not None:
+            param = _param(nul)
+            raise InvalidRequest(
+                f"Invalid request: {param or 'the body'} contains a NUL character (\\u0000), "
+                "which HAIA does not store.",
+                param=param,
+            )
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

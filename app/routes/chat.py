@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -38,7 +39,14 @@ from app.schemas import (
     ToolCall,
     Usage,
 )
-from app.streaming import StreamTarget, failure, first_event, open_stream, relay
+from app.streaming import (
+    StreamTarget,
+    ended_in_database,
+    failure,
+    first_event,
+    open_stream,
+    relay,
+)
 from app.tasks import is_task, is_title_task, title_from_answer
 from app.turns import (
     Turn,
@@ -105,7 +113,10 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     model = await svc.catalog.resolve(body.model)
     await _admit(svc, request.ctx.owner)
     completion_id = new_completion_id()
-    async with svc.relay.follow(completion_id) as follower:
+    # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots from before its turn
+    # is stored (a refusal stores nothing) until it ends.
+    slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
+    async with slot, svc.relay.follow(completion_id) as follower:
         turn = await start_turn(
             owner=request.ctx.owner,
             completion_id=completion_id,
@@ -234,7 +245,7 @@ async def _stream(
     headers: dict[str, str],
 ) -> None:
     svc = services(request)
-    events = follower.events()
+    events = follower.events(ended=ended_in_database(turn.completion_id))
     pending = await _await_worker(svc, events, turn)
     first = pending[0] if pending else await first_event(events)
     if first is not None and first.is_terminal and first.status == Status.FAILED:

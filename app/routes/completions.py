@@ -36,7 +36,7 @@ from app.schemas import (
     ToolCall,
     Usage,
 )
-from app.streaming import StreamTarget, open_stream, relay
+from app.streaming import StreamTarget, ended_in_database, open_stream, relay
 from app.turns import looks_like_completion_id
 
 bp = Blueprint("completions")
@@ -142,11 +142,11 @@ def _resume_point(request: Request) -> int:
 @openapi.parameter("Last-Event-ID", integer(minimum=0, maximum=MAX_SEQ), "header")
 @openapi.parameter("include_usage", bool, "query")
 @openapi.response(200, {"text/event-stream": stream_events()}, "SSE chunks, then [DONE]")
-@errors(400, 404, 503)
+@errors(400, 404, 429, 503)
 async def stream_completion(request: Request, completion_id: str) -> None:
     svc = services(request)
     after = _resume_point(request)
-    async with svc.relay.follow(completion_id) as follower:
+    async with svc.streams.hold(request.ctx.owner), svc.relay.follow(completion_id) as follower:
         message = await _message(request, completion_id)  # after subscribing: nothing can slip by
         target = StreamTarget(
             completion_id=completion_id,
@@ -160,7 +160,8 @@ async def stream_completion(request: Request, completion_id: str) -> None:
             await relay(response, target, _from_database(message, after), send_role=after == 0)
             return
         response = await open_stream(request, headers)
-        await relay(response, target, follower.events(after=after), send_role=after == 0)
+        events = follower.events(after=after, ended=ended_in_database(completion_id))
+        await relay(response, target, events, send_role=after == 0)
 
 
 async def _from_database(message: Message, after: int) -> AsyncGenerator[Event | None, None]:
