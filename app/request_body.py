@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -23,20 +24,25 @@ def _no_constant(name: str) -> float:
     raise _NonFinite(name)
 
 
-def _nul_at(value: Any, at: tuple[int | str, ...] = ()) -> tuple[int | str, ...] | None:
-    """Where the first string (or key) holding a NUL character is, if any."""
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""NUL (no PostgreSQL text holds it) and lone surrogates (not encodable as UTF-8)."""
+_ESCAPED_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _unstorable_at(value: Any, at: tuple[int | str, ...] = ()) -> tuple[int | str, ...] | None:
+    """Where the first string (or key) holding a character HAIA cannot store is, if any."""
     if isinstance(value, str):
-        return at if "\x00" in value else None
+        return at if _UNSTORABLE.search(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
-            if "\x00" in key:
-                return (*at, key)
-            found = _nul_at(item, (*at, key))
+            if _UNSTORABLE.search(key):
+                return (*at, "<key>")
+            found = _unstorable_at(item, (*at, key))
             if found is not None:
                 return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            found = _nul_at(item, (*at, index))
+            found = _unstorable_at(item, (*at, index))
             if found is not None:
                 return found
     return None
@@ -82,13 +88,15 @@ def parse_body(request: Request, schema: type[SchemaT]) -> SchemaT:
         ) from exc
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON body must be an object.")
-    if b"\\u0000" in raw:  # cheap test first: the walk only when an escaped NUL may be there
-        nul = _nul_at(data)
-        if nul is not None:
-            param = _param(nul)
+    # A raw NUL or surrogate is not valid JSON; escaped ones are, and are found first by a
+    # cheap scan of the bytes, then placed by a walk of the parsed body.
+    if _ESCAPED_UNSTORABLE.search(raw):
+        found = _unstorable_at(data)
+        if found is not None:
+            param = _param(found)
             raise InvalidRequest(
-                f"Invalid request: {param or 'the body'} contains a NUL character (\\u0000), "
-                "which HAIA does not store.",
+                f"Invalid request: {param or 'the body'} contains a NUL character or a lone "
+                "surrogate (\\u0000, \\ud800-\\udfff), which HAIA cannot store.",
                 param=param,
             )
     try:

@@ -241,12 +241,12 @@ def setup_correlation(app: App, settings: Settings) -> None:
 
 TEXT_HEADERS = (OPENWEBUI_USER_HEADER, "X-OpenWebUI-Chat-Id", "X-Conversation-ID")
 MAX_TEXT_HEADER = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
 
 
 def check_text_headers(request: Request) -> None:
-    """The headers whose text HAIA stores or looks up: at most 200 characters, no control
-    characters (a NUL cannot even be stored in PostgreSQL)."""
+    """The headers whose text HAIA stores or looks up: at most 200 characters, valid UTF-8,
+    no control characters (a NUL cannot even be stored in PostgreSQL)."""
     for name in TEXT_HEADERS:
         value = request.headers.get(name)
         if value is None:
@@ -254,7 +254,9 @@ def check_text_headers(request: Request) -> None:
         if len(value) > MAX_TEXT_HEADER:
             raise InvalidRequest(f"{name} is longer than {MAX_TEXT_HEADER} characters.", param=name)
         if _CONTROL.search(value):
-            raise InvalidRequest(f"{name} contains a control character.", param=name)
+            raise InvalidRequest(
+                f"{name} contains a control character or bytes that are not UTF-8.", param=name
+            )
 
 
 def is_public(request: Request) -> bool:
