@@ -18,10 +18,15 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.redact import redact_url
+
 PROVIDERS = ("ollama", "anthropic", "openai-chat")
 MODEL_FORMS = "ollama:NAME, anthropic:NAME or openai-chat:NAME (e.g. ollama:llama3.2)"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
+
+PLACEHOLDER_KEYS = frozenset({"change-me", "changeme", "your-key", "your-api-key", "secret"})
+"""Keys copied from an example file: refused at start, they protect nothing."""
 
 _ORIGIN_RE = re.compile(r"^https?://[^\s/]+/?$")
 _MODEL_RE = re.compile(r"^(?P<provider>[a-z-]+):(?P<name>\S+)$")
@@ -136,6 +141,17 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("api_keys")
+    @classmethod
+    def _real_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            if key.get_secret_value().lower().replace("_", "-") in PLACEHOLDER_KEYS:
+                raise ValueError(
+                    "a key is a placeholder from an example; generate a real one: "
+                    'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+                )
+        return value
+
     @field_validator("model", "task_model", mode="before")
     @classmethod
     def _model(cls, value: object) -> object:
@@ -164,21 +180,23 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+            raise ValueError(f"{redact_url(value)!r} is not an http(s) URL")
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value and not re.match(r"^(rediss?|unix)://", value):
-            raise ValueError(f"{value!r} is not a Redis URL (redis://host:port/db)")
+            raise ValueError(f"{redact_url(value)!r} is not a Redis URL (redis://host:port/db)")
         return value
 
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
         if not re.match(r"^(sqlite|postgres|postgresql|asyncpg)://", value):
-            raise ValueError(f"{value!r} is not a database URL (sqlite://… or postgres://…)")
+            raise ValueError(
+                f"{redact_url(value)!r} is not a database URL (sqlite://… or postgres://…)"
+            )
         return value
 
     @field_validator("log_level", "log_format", mode="before")

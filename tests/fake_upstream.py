@@ -24,6 +24,8 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   `{"error": {...}}`; Anthropic: `{"type": "error", "error": {...}, "request_id"}`, with the
   error type Anthropic uses for that status); `fail=K`: only the first K such requests fail
   (counted per wire).
+- `echo_key` (with `status=`): the error message carries the request's API key, as a careless
+  server's would.
 - `cut=N`: drop the connection after N content deltas; `hang`: never answer; `garbage`: answer
   an HTML page.
 - `midfail=N`: after N content deltas, an error inside the stream (OpenAI: a `data: {"error":
@@ -279,6 +281,15 @@ def received(request: Request, turn: Turn, wire: str) -> dict[str, str]:
     return options
 
 
+def _failure(status: int, request: Request, options: dict[str, str]) -> str:
+    """The error message; with `echo_key`, the credentials the request carried in it, as a
+    careless server would (HAIA must not pass them on to a log or a client)."""
+    if "echo_key" not in options:
+        return f"fake error {status}"
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+    return f"fake error {status}: Incorrect API key provided: {key}"
+
+
 async def chat(request: Request) -> HTTPResponse | None:
     body = request.json
     turn = openai_turn(body)
@@ -288,7 +299,7 @@ async def chat(request: Request) -> HTTPResponse | None:
     if "status" in options:
         status = int(options["status"])
         kind = "overloaded_error" if status == 529 else "api_error"
-        return _openai_error(f"fake error {status}", kind, status, options)
+        return _openai_error(_failure(status, request, options), kind, status, options)
     plan = make_plan(turn, options)
     if isinstance(plan, str):
         return _openai_error(plan, "invalid_request_error", 400, {}, param="tools")
@@ -316,7 +327,7 @@ async def messages(request: Request) -> HTTPResponse | None:
     if "status" in options:
         status = int(options["status"])
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
-        return _anthropic_error(f"fake error {status}", kind, status, options)
+        return _anthropic_error(_failure(status, request, options), kind, status, options)
     missing = [name for name in ("model", "max_tokens", "messages") if name not in body]
     if missing:
         return _anthropic_error(f"{missing[0]}: Field required", "invalid_request_error", 400, {})
