@@ -24,8 +24,8 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   `{"error": {...}}`; Anthropic: `{"type": "error", "error": {...}, "request_id"}`, with the
   error type Anthropic uses for that status); `fail=K`: only the first K such requests fail
   (counted per wire).
-- `echo_key` (with `status=`): the error message carries the request's API key, as a careless
-  server's would.
+- `echo_key` (with `status=` or `midfail=`): the error message carries the request's API key,
+  as a careless server's would.
 - `cut=N`: drop the connection after N content deltas; `hang`: never answer; `garbage`: answer
   an HTML page.
 - `midfail=N`: after N content deltas, an error inside the stream (OpenAI: a `data: {"error":
@@ -290,6 +290,13 @@ def _failure(status: int, request: Request, options: dict[str, str]) -> str:
     return f"fake error {status}: Incorrect API key provided: {key}"
 
 
+def _midfail_message(request: Request, options: dict[str, str]) -> str:
+    if "echo_key" not in options:
+        return MIDFAIL_MESSAGE
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+    return f"{MIDFAIL_MESSAGE} (Incorrect API key provided: {key})"
+
+
 async def chat(request: Request) -> HTTPResponse | None:
     body = request.json
     turn = openai_turn(body)
@@ -422,7 +429,8 @@ async def _openai_stream(
     if not await _content(plan, request, lambda token: delta({"content": token})):
         return
     if "midfail" in plan.options:
-        error = {"message": MIDFAIL_MESSAGE, "type": "api_error", "param": None, "code": None}
+        message = _midfail_message(request, plan.options)
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
         await response.send(f"data: {json.dumps({'error': error})}\n\n")
         await response.send("data: [DONE]\n\n")
         await response.eof()
@@ -548,7 +556,8 @@ async def _anthropic_stream(request: Request, body: dict[str, Any], plan: Plan, 
         ):
             return
     if "midfail" in plan.options:
-        await sse.event("error", _anthropic_error_body(MIDFAIL_MESSAGE, "api_error"))
+        message = _midfail_message(request, plan.options)
+        await sse.event("error", _anthropic_error_body(message, "api_error"))
         await sse.end()
         return
     if plan.tokens:
