@@ -25,7 +25,9 @@ MODEL_FORMS = "ollama:NAME, anthropic:NAME or openai-chat:NAME (e.g. ollama:llam
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
 
-PLACEHOLDER_KEYS = frozenset({"change-me", "changeme", "your-key", "your-api-key", "secret"})
+PLACEHOLDER_KEYS = frozenset(
+    {"change-me", "changeme", "replace-me", "your-key", "your-api-key", "secret"}
+)
 """Keys copied from an example file: refused at start, they protect nothing."""
 
 _ORIGIN_RE = re.compile(r"^https?://[^\s/]+/?$")

@@ -556,8 +556,8 @@ async def _anthropic_stream(request: Request, body: dict[str, Any], plan: Plan, 
         ):
             return
     if "midfail" in plan.options:
-        message = _midfail_message(request, plan.options)
-        await sse.event("error", _anthropic_error_body(message, "api_error"))
+        failure = _midfail_message(request, plan.options)
+        await sse.event("error", _anthropic_error_body(failure, "api_error"))
         await sse.end()
         return
     if plan.tokens:
