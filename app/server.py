@@ -40,6 +40,7 @@ from app.relay import Relay
 from app.routes import chat, completions, conversations, health, models
 from app.routes import metrics as metrics_route
 from app.stream_slots import StreamSlots
+from app.turns import MAX_CHAT_ID
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def setup_correlation(app: App, settings: Settings) -> None:
 
 
 TEXT_HEADERS = (OPENWEBUI_USER_HEADER, "X-OpenWebUI-Chat-Id", "X-Conversation-ID")
-MAX_TEXT_HEADER = 200
+MAX_TEXT_HEADER = MAX_CHAT_ID
 _CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
 
 

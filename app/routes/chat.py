@@ -28,7 +28,7 @@ from app.generations import (
 )
 from app.inflight import Inflight
 from app.logs import request_id_var
-from app.openapi import errors, register, stream_events
+from app.openapi import errors, register, stream_events, text
 from app.relay import Follower
 from app.request_body import parse_body, read_body
 from app.schemas import (
@@ -49,6 +49,7 @@ from app.streaming import (
 )
 from app.tasks import is_task, is_title_task, title_from_answer
 from app.turns import (
+    MAX_CHAT_ID,
     Turn,
     abandon_turn,
     clip_title,
@@ -73,6 +74,9 @@ CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
     "`X-Conversation-ID`. OpenWebUI background tasks (`### Task:`) are answered, not stored."
 )
 @openapi.body({"application/json": Component(ChatCompletionRequest)}, required=True)
+@openapi.parameter(CONVERSATION_HEADER, text(MAX_CHAT_ID), "header")
+@openapi.parameter(CHAT_ID_HEADER, text(MAX_CHAT_ID), "header")
+@openapi.parameter("X-OpenWebUI-User-Id", text(MAX_CHAT_ID), "header")
 @openapi.response(
     200,
     {
