@@ -22,7 +22,12 @@ from sanic.config import Config
 from sanic.exceptions import SanicException
 from sanic.response import json as json_response
 from sanic_ext import Extend
-from tortoise.exceptions import DBConnectionError, IntegrityError, OperationalError
+from tortoise.exceptions import (
+    DBConnectionError,
+    IntegrityError,
+    OperationalError,
+    ValidationError,
+)
 
 from app import jobs, keys
 from app.access import setup_access
@@ -186,7 +191,7 @@ def refused_by_database(exc: BaseException) -> bool:
     """True for an error the database raised over a value it will not take (a constraint,
     a too-long or malformed value), as opposed to the database being unreachable."""
     for error in _chain(exc):
-        if isinstance(error, IntegrityError | PgDataError | PgClientDataError):
+        if isinstance(error, IntegrityError | ValidationError | PgDataError | PgClientDataError):
             return True
     return False
 
