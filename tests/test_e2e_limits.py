@@ -101,8 +101,9 @@ def assert_stream_refused(response: httpx.Response, text: str) -> None:
 async def test_streams_per_owner_are_bounded_across_web_processes(
     make_stack: Callable[..., Stack], http: httpx.AsyncClient
 ) -> None:
-    # Two web processes on one Redis and database; leases lapse after 4 keep-alive intervals.
-    env = {"HAIA_MAX_STREAMS_PER_OWNER": "2", "HAIA_KEEPALIVE_INTERVAL": "0.5"}
+    # Two web processes on one Redis and database; leases lapse after 4 keep-alive intervals
+    # (4 s here), renewed every interval.
+    env = {"HAIA_MAX_STREAMS_PER_OWNER": "2", "HAIA_KEEPALIVE_INTERVAL": "1"}
     one, two = make_stack(**env), make_stack(**env)
     two.env["HAIA_DATABASE_URL"] = one.env["HAIA_DATABASE_URL"]
     one.start_web()
@@ -142,8 +143,8 @@ async def test_streams_per_owner_are_bounded_across_web_processes(
     two.web.stop(signal.SIGKILL)
     await second.aclose()
     fourth = await _admitted(http, one.base_url)
-    # Leases of live streams are renewed: after several lease periods both still count.
-    await asyncio.sleep(3)
+    # Leases of live streams are renewed: after more than a lease period both still count.
+    await asyncio.sleep(6)
     refused = await open_stream(http, one.base_url, "still full")
     assert_stream_refused(refused, (await refused.aread()).decode())
     for response in (third, fourth):
