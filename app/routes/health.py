@@ -57,7 +57,7 @@ class _UpstreamProbe:
             return self._check.model_copy()
 
 
-_probes: dict[int, _UpstreamProbe] = {}
+_probe = _UpstreamProbe()
 
 
 async def _upstream(svc: Services) -> Check:
@@ -100,7 +100,7 @@ async def health(request: Request) -> HTTPResponse:
         "database": Check(status="ok" if database is None else "down", detail=database),
         "redis": Check(status="ok" if redis is None else "down", detail=redis),
         "workers": await _workers(svc, redis),
-        "upstream": await _probes.setdefault(id(svc), _UpstreamProbe()).check(svc),
+        "upstream": await _probe.check(svc),
     }
     ready = all(checks[name].status == "ok" for name in ("database", "redis", "workers"))
     report = HealthReport(
