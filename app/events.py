@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 EventType = Literal["start", "delta", "end"]
 
-_OPTIONAL = ("status", "finish_reason", "usage", "error", "http_status", "retry_after")
+_OPTIONAL = ("status", "model", "finish_reason", "usage", "error", "http_status", "retry_after")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,9 @@ class Event:
     tool: dict[str, Any] | None = None
     """A piece of a tool call: `index`, and `id`/`name` on its first piece, `arguments`."""
     status: str | None = None
+    model: str | None = None
+    """On `start`: the model about to answer (a fallback announces itself with another
+    `start` before its first delta); on `end`: the model that answered."""
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
@@ -68,3 +71,8 @@ class Event:
 
 
 _FIELDS = frozenset(field.name for field in fields(Event))
+
+
+def answering_model(events: list[Event]) -> str | None:
+    """The model a log says answered: the `end`'s, else the last `start`'s."""
+    return next((event.model for event in reversed(events) if event.model), None)

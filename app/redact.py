@@ -9,6 +9,7 @@ body HAIA renders (`HaiaError.body`), whatever an upstream put in its message.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from urllib.parse import quote, unquote, urlsplit
 
@@ -19,6 +20,7 @@ _MIN_LENGTH = 4
 """Shorter "secrets" are not scrubbed: replacing every `ab` in every log line helps nobody."""
 
 _secrets: list[str] = []
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 
 
 def url_password(url: str) -> str | None:
@@ -42,19 +44,28 @@ def redact_url(url: str) -> str:
 
 
 def secrets_of(settings: BaseModel) -> list[str]:
-    """Every secret a settings object holds: its `SecretStr` values (alone or in lists) and the
-    passwords of the URLs among its strings."""
+    """Every secret a settings object holds: its `SecretStr` values (alone or in lists), the
+    values of its `…_API_KEY` variables (`HAIA_UPSTREAM_<NAME>_API_KEY`), and the passwords
+    of the URLs among its strings."""
     found: list[str] = []
     for name in type(settings).model_fields:
         value = getattr(settings, name)
-        values = value if isinstance(value, list | tuple) else [value]
-        for item in values:
+        if isinstance(value, dict):
+            named = [(str(key), item) for key, item in value.items()]
+        elif isinstance(value, list | tuple):
+            named = [(name, item) for item in value]
+        else:
+            named = [(name, value)]
+        for key, item in named:
             if isinstance(item, SecretStr):
                 found.append(item.get_secret_value())
+            elif isinstance(item, str) and key.upper().endswith("API_KEY") and item:
+                found.append(item)
             elif isinstance(item, str) and "://" in item:
-                password = url_password(item)
-                if password:
-                    found.append(password)
+                for url in _URL.findall(item):  # `kind:http://…` holds one inside
+                    password = url_password(url)
+                    if password:
+                        found.append(password)
     return found
 
 

@@ -72,12 +72,16 @@ def failure(event: Event) -> HaiaError:
     )
 
 
-async def first_event(events: AsyncGenerator[Event | None, None]) -> Event | None:
-    """The first delta or end event, or None once a keep-alive interval passes in silence."""
+async def first_event(
+    events: AsyncGenerator[Event | None, None], model: str
+) -> tuple[Event | None, str]:
+    """The first delta or end event (None once a keep-alive interval passes in silence), and
+    the model the `start` events before it announced (else `model`)."""
     async for event in events:
         if event is None or event.type != "start":
-            return event
-    return None
+            return event, (event.model if event and event.model else model)
+        model = event.model or model
+    return None, model
 
 
 async def open_stream(request: Request, headers: dict[str, str]) -> HTTPResponse:
@@ -96,46 +100,60 @@ async def relay(
     first: list[Event | None] | None = None,
     send_role: bool = True,
 ) -> None:
-    """Send `first` then `events` as chunks until the end event, then `data: [DONE]`."""
-    writer = target.writer()
-    if send_role:
-        await response.send(writer.role())
+    """Send `first` then `events` as chunks until the end event, then `data: [DONE]`.
+
+    The role chunk goes out with the first delta or end (pings may come before it): until
+    then a fallback model may still announce itself, and every chunk names the one that
+    answers.
+    """
+    chunks = _Chunks(target.writer(), role_pending=send_role)
     try:
         for event in first or []:
-            if await _send(response, writer, event):
+            if await chunks.send(response, event):
                 return
         async for event in events:
-            if await _send(response, writer, event):
+            if await chunks.send(response, event):
                 return
     except HaiaError as exc:
         # Lost Redis mid-stream: say so and end cleanly; the generation goes on in the
         # worker, and the client can re-attach once HAIA is back.
-        await response.send(writer.error(exc.body()["error"], None))
+        await response.send(chunks.writer.error(exc.body()["error"], None))
     # Also when resumed past the end: the client already had every event.
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
 
 
-async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None) -> bool:
-    """Send one event's chunks; True once the stream is over."""
-    if event is None:
-        await response.send(PING)
-        return False
-    if event.type == "delta":
-        if event.tool is not None:
-            await response.send(writer.tool(event.tool, event.seq))
-        elif event.reasoning:
-            await response.send(writer.reasoning(event.reasoning, event.seq))
+@dataclass
+class _Chunks:
+    writer: ChunkWriter
+    role_pending: bool
+
+    async def send(self, response: HTTPResponse, event: Event | None) -> bool:
+        """Send one event's chunks; True once the stream is over."""
+        if event is None:
+            await response.send(PING)
+            return False
+        if event.type == "start":
+            if event.model and self.role_pending:
+                self.writer = self.writer.for_model(event.model)
+            return False
+        writer = self.writer
+        if self.role_pending:
+            self.role_pending = False
+            await response.send(writer.role())
+        if event.type == "delta":
+            if event.tool is not None:
+                await response.send(writer.tool(event.tool, event.seq))
+            elif event.reasoning:
+                await response.send(writer.reasoning(event.reasoning, event.seq))
+            else:
+                await response.send(writer.content(event.text, event.seq))
+            return False
+        if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
+            await response.send(writer.error(event.error or {}, event.seq))
         else:
-            await response.send(writer.content(event.text, event.seq))
-        return False
-    if not event.is_terminal:
-        return False
-    if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
-        await response.send(writer.error(event.error or {}, event.seq))
-    else:
-        await response.send(writer.finish(event.finish_reason or "stop", event.seq))
-        await response.send(writer.usage(event.usage, event.seq))
-    await response.send(DONE)
-    await response.eof()  # type: ignore[no-untyped-call]
-    return True
+            await response.send(writer.finish(event.finish_reason or "stop", event.seq))
+            await response.send(writer.usage(event.usage, event.seq))
+        await response.send(DONE)
+        await response.eof()  # type: ignore[no-untyped-call]
+        return True

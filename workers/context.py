@@ -24,13 +24,13 @@ class Context:
 
     rows: list[Message]
     blobs: dict[str, Blob]
-    provider: str
 
-    def model_messages(self) -> list[Any]:
-        """As pydantic-ai messages, the last request carrying HAIA's instructions."""
+    def model_messages(self, kind: str) -> list[Any]:
+        """As pydantic-ai messages for an upstream of `kind`, the last request carrying
+        HAIA's instructions."""
         from workers.pydantic_model import model_messages  # only for pydantic-ai models
 
-        return model_messages(self.rows, blobs=self.blobs, provider=self.provider)
+        return model_messages(self.rows, blobs=self.blobs, provider=kind)
 
     def openai_messages(self) -> list[dict[str, Any]]:
         """In the OpenAI Chat Completions shape, HAIA's instructions after the system
@@ -78,8 +78,7 @@ async def load_context(assistant: Message, *, limit: int) -> Context:
     if not rows or rows[-1].role not in ("user", "tool"):
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     blobs = await _blobs([*system, *rows])
-    provider = (assistant.model or "").partition(":")[0]
-    return Context(rows=[*system, *rows], blobs=blobs, provider=provider)
+    return Context(rows=[*system, *rows], blobs=blobs)
 
 
 async def _blobs(rows: Sequence[Message]) -> dict[str, Blob]:

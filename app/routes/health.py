@@ -63,11 +63,12 @@ _probe = _UpstreamProbe()
 async def _upstream(svc: Services) -> Check:
     models, error = await _check(svc.catalog.models())
     models = models or []
-    check = Check(status="ok" if models else "unreachable", models=len(models))
+    reachable = bool(models) and not svc.catalog.all_unreachable and error is None
+    check = Check(status="ok" if reachable else "unreachable", models=len(models))
     if error:
         check.detail = f"model discovery {error}"
-    elif svc.catalog.upstream_error and svc.catalog.discovers:
-        check.status, check.detail = "unreachable", svc.catalog.upstream_error
+    elif svc.catalog.upstream_errors:
+        check.detail = "; ".join(svc.catalog.upstream_errors)
     return check
 
 
