@@ -41,6 +41,7 @@ def _secret(prefix: str) -> str:
 KEY, OTHER_KEY = _secret("sk-haia-one"), _secret("sk-haia-two")
 OPENAI_KEY, ANTHROPIC_KEY = _secret("sk-openai"), _secret("sk-ant")
 DB_PASSWORD, REDIS_PASSWORD = _secret("pgpass"), _secret("redispass")
+UPSTREAM_KEY = _secret("sk-box")
 SECRETS = {
     "HAIA_API_KEYS": KEY,
     "HAIA_API_KEYS (second)": OTHER_KEY,
@@ -48,6 +49,7 @@ SECRETS = {
     "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
     "HAIA_DATABASE_URL password": DB_PASSWORD,
     "HAIA_REDIS_URL password": REDIS_PASSWORD,
+    "HAIA_UPSTREAM_BOX_API_KEY": UPSTREAM_KEY,
 }
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -128,6 +130,8 @@ def _env(upstream: str, database_url: str, redis_url: str, **extra: str) -> dict
         HAIA_API_KEYS=f"{KEY},{OTHER_KEY}",
         OPENAI_API_KEY=OPENAI_KEY,
         ANTHROPIC_API_KEY=ANTHROPIC_KEY,
+        HAIA_UPSTREAM_BOX=f"openai-chat:{upstream}/v1",
+        HAIA_UPSTREAM_BOX_API_KEY=UPSTREAM_KEY,
         HAIA_LOG_LEVEL="DEBUG",
         HAIA_LLM_TIMEOUT="3",
         HAIA_LLM_RETRIES="0",
@@ -212,7 +216,8 @@ async def _provoke(stack: Stack, seen: Seen, proxy: Proxy) -> None:
         seen.response(await http.get(f"{base}/health"))
 
         # Upstream failures, on every wire; 401s whose message quotes the key HAIA sent.
-        for model in ("openai-chat:fake-model", "anthropic:claude-fake", "ollama:fake-model"):
+        models = ("openai-chat:fake-model", "anthropic:claude-fake", "ollama:fake-model")
+        for model in (*models, "box:fake-model"):
             for directive in (
                 "#fake status=401 echo_key",
                 "#fake status=403 echo_key",

@@ -95,8 +95,12 @@ def _make(log_dir: Path, env: dict[str, str], database_url: str, upstream: str) 
         database_url=database_url,
         upstream_url=upstream,
     )
-    stack.start_web()
-    stack.start_worker()
+    try:
+        stack.start_web()
+        stack.start_worker()
+    except BaseException:
+        stack.stop()  # nothing left running on this Redis db for the next test
+        raise
     return stack
 
 
