@@ -28,7 +28,7 @@ from tortoise.exceptions import BaseORMException
 from app import keys
 from app.config import Settings
 from app.content import stored_identity
-from app.db.models import ACTIVE, Conversation, Message, Status
+from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event
 from app.inflight import Inflight
@@ -38,6 +38,9 @@ from app.schemas import Usage
 from app.turns import digest
 
 log = logging.getLogger(__name__)
+
+RESPONSE_PREFIX = "resp_"
+"""Responses API generations: ids `resp_…` (see `app.routes.responses`)."""
 
 MAX_TRIES = 3
 """Runs of one generation arq may start (a worker death before the first token reruns it)."""
@@ -342,7 +345,22 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
     await Conversation.filter(id=message.conversation_id).update(  # type: ignore[attr-defined]
         updated_at=finished_at
     )
+    if str(message.completion_id).startswith(RESPONSE_PREFIX):
+        await _forget_unstored(str(message.completion_id))
     return True
+
+
+async def _forget_unstored(response_id: str) -> None:
+    """A `store: false` response keeps nothing once it ended: its conversation (its own,
+    holding only its turn) goes, with its record. Its replay log expires on its own."""
+    record = await Response.get_or_none(id=response_id, store=False)
+    if record is None:
+        return
+    conversation = await Conversation.get_or_none(
+        id=record.conversation_id  # type: ignore[attr-defined]
+    )
+    if conversation is not None:
+        await conversation.delete()
 
 
 async def end_as(

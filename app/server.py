@@ -35,7 +35,7 @@ from app.hub import EventHub
 from app.logs import request_id_var
 from app.openapi import secure_operations
 from app.relay import Relay
-from app.routes import chat, completions, conversations, health, models
+from app.routes import chat, completions, conversations, health, models, responses
 from app.routes import metrics as metrics_route
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,15 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
     setup_errors(app)
     setup_resources(app, settings, redis_url)
     app.blueprint(
-        [chat.bp, completions.bp, conversations.bp, models.bp, health.bp, metrics_route.bp]
+        [
+            chat.bp,
+            completions.bp,
+            responses.bp,
+            conversations.bp,
+            models.bp,
+            health.bp,
+            metrics_route.bp,
+        ]
     )
     if settings.api_keys:
         secure_operations(app, public=lambda path: path in PUBLIC_PATHS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Protocol, cast
 
 from sanic import Request
 from sanic.response import HTTPResponse
@@ -58,6 +58,52 @@ async def open_stream(request: Request, headers: dict[str, str]) -> HTTPResponse
     return cast(HTTPResponse, response)
 
 
+class Encoder(Protocol):
+    """One wire format of a generation's events (chat chunks, Responses events)."""
+
+    def opening(self) -> bytes:
+        """What goes out before the first event (may be empty)."""
+        ...
+
+    def encode(self, event: Event) -> bytes:
+        """The frames one delta or `end` event makes (may be empty)."""
+        ...
+
+    def lost(self, detail: dict[str, Any]) -> bytes:
+        """The frame saying the stream broke off (Redis lost) while the generation goes on."""
+        ...
+
+
+class ChatEncoder:
+    """`chat.completion.chunk` frames, each with `id: <seq>`."""
+
+    def __init__(self, target: StreamTarget, *, send_role: bool = True) -> None:
+        self._writer = target.writer()
+        self._send_role = send_role
+
+    def opening(self) -> bytes:
+        return self._writer.role() if self._send_role else b""
+
+    def encode(self, event: Event) -> bytes:
+        writer = self._writer
+        if event.type == "delta":
+            if event.tool is not None:
+                return writer.tool(event.tool, event.seq)
+            if event.reasoning:
+                return writer.reasoning(event.reasoning, event.seq)
+            return writer.content(event.text, event.seq)
+        if not event.is_terminal:
+            return b""
+        if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
+            return writer.error(event.error or {}, event.seq)
+        return writer.finish(event.finish_reason or "stop", event.seq) + writer.usage(
+            event.usage, event.seq
+        )
+
+    def lost(self, detail: dict[str, Any]) -> bytes:
+        return self._writer.error(detail, None)
+
+
 async def relay(
     response: HTTPResponse,
     target: StreamTarget,
@@ -67,45 +113,47 @@ async def relay(
     send_role: bool = True,
 ) -> None:
     """Send `first` then `events` as chunks until the end event, then `data: [DONE]`."""
-    writer = target.writer()
-    if send_role:
-        await response.send(writer.role())
+    await relay_encoded(response, ChatEncoder(target, send_role=send_role), events, first=first)
+
+
+async def relay_encoded(
+    response: HTTPResponse,
+    encoder: Encoder,
+    events: AsyncGenerator[Event | None, None],
+    *,
+    first: list[Event | None] | None = None,
+) -> None:
+    """Send `first` then `events` through `encoder` until the end event, then
+    `data: [DONE]`; a keep-alive comment for every silent interval."""
+    opening = encoder.opening()
+    if opening:
+        await response.send(opening)
     try:
         for event in first or []:
-            if await _send(response, writer, event):
+            if await _send(response, encoder, event):
                 return
         async for event in events:
-            if await _send(response, writer, event):
+            if await _send(response, encoder, event):
                 return
     except HaiaError as exc:
         # Lost Redis mid-stream: say so and end cleanly; the generation goes on in the
         # worker, and the client can re-attach once HAIA is back.
-        await response.send(writer.error(exc.body()["error"], None))
+        await response.send(encoder.lost(exc.body()["error"]))
     # Also when resumed past the end: the client already had every event.
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
 
 
-async def _send(response: HTTPResponse, writer: ChunkWriter, event: Event | None) -> bool:
-    """Send one event's chunks; True once the stream is over."""
+async def _send(response: HTTPResponse, encoder: Encoder, event: Event | None) -> bool:
+    """Send one event's frames; True once the stream is over."""
     if event is None:
         await response.send(PING)
         return False
-    if event.type == "delta":
-        if event.tool is not None:
-            await response.send(writer.tool(event.tool, event.seq))
-        elif event.reasoning:
-            await response.send(writer.reasoning(event.reasoning, event.seq))
-        else:
-            await response.send(writer.content(event.text, event.seq))
-        return False
+    data = encoder.encode(event)
+    if data:
+        await response.send(data)
     if not event.is_terminal:
         return False
-    if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
-        await response.send(writer.error(event.error or {}, event.seq))
-    else:
-        await response.send(writer.finish(event.finish_reason or "stop", event.seq))
-        await response.send(writer.usage(event.usage, event.seq))
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
     return True

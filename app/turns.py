@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tortoise.exceptions import IntegrityError
@@ -158,6 +158,11 @@ def _has_dialogue(history: Sequence[ChatMessage]) -> bool:
     return any(message.role in ("user", "assistant", "tool") for message in history)
 
 
+OnCreated = Callable[[Conversation, Message], Awaitable[None]]
+"""Called inside the turn's transaction, once the assistant row exists (e.g. to store the
+Responses API's record of it)."""
+
+
 async def start_turn(
     *,
     owner: str,
@@ -167,6 +172,7 @@ async def start_turn(
     chat_id: str | None,
     model: str,
     request_id: str,
+    on_created: OnCreated | None = None,
 ) -> Turn:
     """Store what is new in this request and a queued assistant turn; return the turn."""
     turn_length = new_turn_length(messages)
@@ -189,48 +195,119 @@ async def start_turn(
             if not conversation.title:
                 conversation.title = title_from(messages)
             await conversation.save(update_fields=["title", "updated_at"])
-        previous = await head_digest(conversation)
-        rows = []
-        blobs: dict[str, Blob] = {}
-        offset = len(messages) - len(incoming)
-        for index, message in enumerate(incoming, start=offset):
-            if message.role not in _STORED_ROLES:
-                continue
-            role = _STORED_ROLES[message.role]
-            previous = digest(previous, role, identity(message))
-            parts, new_blobs = stored_parts(message, index)
-            blobs.update((blob.sha256, blob) for blob in new_blobs)
-            rows.append(
-                Message(
-                    conversation=conversation,
-                    role=role,
-                    content=message.text,
-                    parts=parts,
-                    tool_calls=tool_calls_json(message),
-                    tool_call_id=message.tool_call_id if role == "tool" else None,
-                    prefix_hash=previous,
-                )
-            )
-        if blobs:
-            found = await Blob.filter(sha256__in=list(blobs)).values_list("sha256", flat=True)
-            known = {str(sha) for sha in found}
-            new = [blob for sha, blob in blobs.items() if sha not in known]
-            await Blob.bulk_create(new, ignore_conflicts=True)  # a concurrent turn may add it
-        await Message.bulk_create(rows)
-        assistant = await Message.create(
-            conversation=conversation,
-            role="assistant",
-            status=Status.QUEUED,
-            completion_id=completion_id,
-            model=model,
-            request_id=request_id,
+        await _store_messages(conversation, incoming, offset=len(messages) - len(incoming))
+        return await _queue_assistant(
+            conversation, completion_id, model=model, request_id=request_id, on_created=on_created
         )
+
+
+async def start_chain_turn(
+    *,
+    owner: str,
+    completion_id: str,
+    messages: list[ChatMessage],
+    after: Message | None,
+    model: str,
+    request_id: str,
+    on_created: OnCreated | None = None,
+) -> Turn:
+    """A turn that continues the conversation of `after` (a stored response's assistant row),
+    storing every message as new; or, without `after`, starts a conversation of its own.
+
+    When `after` is no longer its conversation's last turn (a chain forked from an earlier
+    response), the conversation up to it is copied into a branch first.
+    """
+    async with in_transaction():
+        if after is None:
+            conversation = await Conversation.create(owner=owner, title=title_from(messages))
+        else:
+            conversation = await Conversation.get(
+                id=after.conversation_id  # type: ignore[attr-defined]
+            )
+            later = await Message.filter(conversation=conversation, id__gt=after.id).exists()
+            if later:
+                conversation = await _fork(conversation, owner=owner, upto=after.id)
+            await conversation.save(update_fields=["updated_at"])
+        await _store_messages(conversation, messages, offset=0)
+        return await _queue_assistant(
+            conversation, completion_id, model=model, request_id=request_id, on_created=on_created
+        )
+
+
+async def _store_messages(
+    conversation: Conversation, messages: Sequence[ChatMessage], *, offset: int
+) -> None:
+    previous = await head_digest(conversation)
+    rows = []
+    blobs: dict[str, Blob] = {}
+    for index, message in enumerate(messages, start=offset):
+        if message.role not in _STORED_ROLES:
+            continue
+        role = _STORED_ROLES[message.role]
+        previous = digest(previous, role, identity(message))
+        parts, new_blobs = stored_parts(message, index)
+        blobs.update((blob.sha256, blob) for blob in new_blobs)
+        rows.append(
+            Message(
+                conversation=conversation,
+                role=role,
+                content=message.text,
+                parts=parts,
+                tool_calls=tool_calls_json(message),
+                tool_call_id=message.tool_call_id if role == "tool" else None,
+                prefix_hash=previous,
+            )
+        )
+    if blobs:
+        found = await Blob.filter(sha256__in=list(blobs)).values_list("sha256", flat=True)
+        known = {str(sha) for sha in found}
+        new = [blob for sha, blob in blobs.items() if sha not in known]
+        await Blob.bulk_create(new, ignore_conflicts=True)  # a concurrent turn may add it
+    await Message.bulk_create(rows)
+
+
+async def _queue_assistant(
+    conversation: Conversation,
+    completion_id: str,
+    *,
+    model: str,
+    request_id: str,
+    on_created: OnCreated | None,
+) -> Turn:
+    assistant = await Message.create(
+        conversation=conversation,
+        role="assistant",
+        status=Status.QUEUED,
+        completion_id=completion_id,
+        model=model,
+        request_id=request_id,
+    )
+    if on_created is not None:
+        await on_created(conversation, assistant)
     return Turn(
         conversation_id=conversation.id,
         completion_id=completion_id,
         model=model,
         created=int(assistant.created_at.timestamp()),
     )
+
+
+async def _fork(parent: Conversation, *, owner: str, upto: int) -> Conversation:
+    """A branch holding `parent`'s messages up to the row `upto` (copies: ids stay unique)."""
+    branch = await Conversation.create(
+        owner=owner, title=parent.title, title_from_task=parent.title_from_task, parent=parent
+    )
+    rows = await Message.filter(conversation=parent, id__lte=upto).order_by("id")
+    copies = []
+    for row in rows:
+        data = {
+            field: getattr(row, field)
+            for field in row._meta.db_fields
+            if field not in ("id", "conversation_id", "completion_id")
+        }
+        copies.append(Message(**data, conversation=branch))
+    await Message.bulk_create(copies)
+    return branch
 
 
 async def _branch(parent: Conversation, *, owner: str, chat_id: str | None) -> Conversation:

@@ -15,6 +15,7 @@ class Frame:
     id: str | None
     data: str | None
     comment: bool = False
+    event: str | None = None
 
     def json(self) -> Any:
         assert self.data is not None
@@ -28,15 +29,17 @@ async def frames(response: httpx.Response) -> AsyncIterator[Frame]:
         buffer += text
         while "\n\n" in buffer:
             block, buffer = buffer.split("\n\n", 1)
-            event_id, data, comment = None, None, False
+            event_id, data, comment, event = None, None, False, None
             for line in block.split("\n"):
                 if line.startswith(":"):
                     comment = True
+                elif line.startswith("event: "):
+                    event = line[7:]
                 elif line.startswith("id: "):
                     event_id = line[4:]
                 elif line.startswith("data: "):
                     data = line[6:] if data is None else f"{data}\n{line[6:]}"
-            yield Frame(event_id, data, comment)
+            yield Frame(event_id, data, comment, event)
 
 
 async def read_all(response: httpx.Response) -> list[Frame]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tortoise.expressions import Q
+from tortoise.queryset import QuerySet
 
 from app.content import BLOB_SCHEME, data_url, with_data_urls
 from app.db.models import Blob, Message, Status
@@ -25,16 +26,26 @@ class Context:
     rows: list[Message]
     blobs: dict[str, Blob]
     provider: str
+    instructions: str | None = HOMELAB_ASSISTANT_PROMPT
+    """What the last request carries as instructions: HAIA's homelab prompt for a chat
+    completion; the request's own `instructions` (or nothing) for a Responses API turn."""
+    whole: bool = False
+    """A Responses API turn: the rows in their order, the instructions first."""
 
     def model_messages(self) -> list[Any]:
-        """As pydantic-ai messages, the last request carrying HAIA's instructions."""
+        """As pydantic-ai messages, the last request carrying the instructions."""
         from workers.pydantic_model import model_messages  # only for pydantic-ai models
 
-        return model_messages(self.rows, blobs=self.blobs, provider=self.provider)
+        return model_messages(
+            self.rows, blobs=self.blobs, provider=self.provider, instructions=self.instructions
+        )
 
     def openai_messages(self) -> list[dict[str, Any]]:
         """In the OpenAI Chat Completions shape, HAIA's instructions after the system
-        messages."""
+        messages (a Responses API turn: its instructions first, then every row in order)."""
+        if self.whole:
+            head = [{"role": "system", "content": self.instructions}] if self.instructions else []
+            return [*head, *(_openai_message(row, self.blobs) for row in self.rows)]
         system = [row for row in self.rows if row.role == "system"]
         rest = [row for row in self.rows if row.role != "system"]
         return [
@@ -44,7 +55,9 @@ class Context:
         ]
 
 
-async def load_context(assistant: Message, *, limit: int) -> Context:
+async def load_context(
+    assistant: Message, *, limit: int, responses: dict[str, Any] | None = None
+) -> Context:
     """The conversation's system messages, then the last `limit` other messages before the new
     turn and that turn (a user message, or tool results).
 
@@ -60,6 +73,9 @@ async def load_context(assistant: Message, *, limit: int) -> Context:
             & ((Q(content="") & Q(tool_calls__isnull=True)) | Q(status=Status.FAILED))
         )
     )
+    provider = (assistant.model or "").partition(":")[0]
+    if responses is not None:
+        return await _whole(before, assistant, provider, responses)
     system = await before.filter(role="system").order_by("id")
     rows = await before.filter(role__not="system").order_by("-id").limit(limit + 1)
     rows.reverse()
@@ -68,8 +84,24 @@ async def load_context(assistant: Message, *, limit: int) -> Context:
     if not rows or rows[-1].role not in ("user", "tool"):
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     blobs = await _blobs([*system, *rows])
-    provider = (assistant.model or "").partition(":")[0]
     return Context(rows=[*system, *rows], blobs=blobs, provider=provider)
+
+
+async def _whole(
+    before: QuerySet[Message], assistant: Message, provider: str, responses: dict[str, Any]
+) -> Context:
+    """A Responses API turn: the whole chain in order (`truncation: disabled`), with the
+    request's instructions and never HAIA's homelab prompt."""
+    rows = await before.order_by("id")
+    if not rows:
+        raise LookupError(f"no input precedes {assistant.completion_id}")
+    return Context(
+        rows=rows,
+        blobs=await _blobs(rows),
+        provider=provider,
+        instructions=responses.get("instructions") or None,
+        whole=True,
+    )
 
 
 async def _blobs(rows: Sequence[Message]) -> dict[str, Blob]:

@@ -147,7 +147,9 @@ async def _generate(
     )
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
-            context = await load_context(message, limit=st.settings.context_messages)
+            context = await load_context(
+                message, limit=st.settings.context_messages, responses=options.get("responses")
+            )
             ending.previous_hash = context.rows[-1].prefix_hash  # the turn this answers
             outcome = await stream_model(
                 st,

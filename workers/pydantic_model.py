@@ -200,13 +200,20 @@ def request_settings(
 
 
 def model_messages(
-    rows: Sequence[Message], *, blobs: dict[str, Blob], provider: str
+    rows: Sequence[Message],
+    *,
+    blobs: dict[str, Blob],
+    provider: str,
+    instructions: str | None = HOMELAB_ASSISTANT_PROMPT,
 ) -> list[ModelMessage]:
-    """Stored rows as pydantic-ai messages, the last request carrying HAIA's instructions."""
+    """Stored rows as pydantic-ai messages, the last request carrying the instructions
+    (HAIA's homelab prompt unless the turn brings its own, or none)."""
     messages = to_model_messages(rows, blobs=blobs, provider=provider)
     last = messages[-1]
-    assert isinstance(last, ModelRequest)
-    messages[-1] = ModelRequest(parts=last.parts, instructions=HOMELAB_ASSISTANT_PROMPT)
+    if instructions and isinstance(last, ModelRequest):
+        messages[-1] = ModelRequest(parts=last.parts, instructions=instructions)
+    elif instructions:
+        messages.append(ModelRequest(parts=[], instructions=instructions))
     return messages
 
 

@@ -118,3 +118,23 @@ class Blob(Model):
 
     class Meta:
         table = "haia_blob"
+
+
+class Response(Model):
+    """A Responses API response: its request's metadata and input items. Its generation is the
+    assistant `Message` whose `completion_id` is this id, in `conversation` (the chain)."""
+
+    id = fields.CharField(max_length=64, primary_key=True)
+    owner = fields.CharField(max_length=200, default="", db_index=True)
+    conversation: fields.ForeignKeyRelation[Conversation] = fields.ForeignKeyField(
+        "haia.Conversation", related_name="responses", on_delete=fields.CASCADE
+    )
+    meta: dict[str, object] = fields.JSONField(default=dict)
+    """What the response object echoes (instructions, tools, text, reasoning, metadata, …)."""
+    input: list[dict[str, object]] = fields.JSONField(default=list)
+    """The input items as the client sent them (each with an `id`), for `input_items`."""
+    store = fields.BooleanField(default=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "haia_response"

@@ -11,6 +11,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
+from tortoise.exceptions import DoesNotExist
 
 from app import keys
 from app.context import Services, services
@@ -157,13 +158,13 @@ async def stream_completion(request: Request, completion_id: str) -> None:
         headers = {"X-Conversation-ID": str(message.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():
             response = await open_stream(request, headers)
-            await relay(response, target, _from_database(message, after), send_role=after == 0)
+            await relay(response, target, stored_events(message, after), send_role=after == 0)
             return
         response = await open_stream(request, headers)
         await relay(response, target, follower.events(after=after), send_role=after == 0)
 
 
-async def _from_database(message: Message, after: int) -> AsyncGenerator[Event | None, None]:
+async def stored_events(message: Message, after: int = 0) -> AsyncGenerator[Event | None, None]:
     """A finished generation whose replay log expired: what it stored, one delta per kind."""
     replay: list[Event] = []
     if message.reasoning:
@@ -197,24 +198,33 @@ async def _from_database(message: Message, after: int) -> AsyncGenerator[Event |
 async def cancel_completion(request: Request, completion_id: str) -> HTTPResponse:
     svc = services(request)
     message = await _message(request, completion_id)
-    if message.status not in FINISHED:
-        async with svc.relay.follow(completion_id) as follower:
-            await svc.redis.set(keys.gen_cancel(completion_id), "1", ex=svc.settings.job_timeout)
-            # Not started yet: end it here. Running (or starting right now): abort the job; the
-            # worker stores the partial text. The fence decides which of the two ends it.
-            await end_as(
-                svc.redis,
-                svc.settings,
-                completion_id,
-                status=Status.CANCELLED,
-                only_if=frozenset({Status.QUEUED}),
-            )
-            await abort_job(svc.redis, completion_id)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CANCEL_WAIT):
-                    async for event in follower.events():
-                        if event is not None and event.is_terminal:
-                            break
-        await message.refresh_from_db()
+    await stop_generation(svc, message)
     completion = await stored_completion(svc, message)
     return json_response(completion.model_dump(mode="json"))
+
+
+async def stop_generation(svc: Services, message: Message) -> None:
+    """Cancel the generation of `message` unless it has ended (idempotent); waits (up to
+    CANCEL_WAIT) for its end, then refreshes the row."""
+    if message.status in FINISHED:
+        return
+    completion_id = str(message.completion_id)
+    async with svc.relay.follow(completion_id) as follower:
+        await svc.redis.set(keys.gen_cancel(completion_id), "1", ex=svc.settings.job_timeout)
+        # Not started yet: end it here. Running (or starting right now): abort the job; the
+        # worker stores the partial text. The fence decides which of the two ends it.
+        await end_as(
+            svc.redis,
+            svc.settings,
+            completion_id,
+            status=Status.CANCELLED,
+            only_if=frozenset({Status.QUEUED}),
+        )
+        await abort_job(svc.redis, completion_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT):
+                async for event in follower.events():
+                    if event is not None and event.is_terminal:
+                        break
+    with contextlib.suppress(DoesNotExist):  # a `store: false` response is gone once ended
+        await message.refresh_from_db()

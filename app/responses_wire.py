@@ -1,0 +1,484 @@
+"""The Responses API wire encoder: a generation's events → OpenAI Responses SSE events.
+
+The second encoder of HAIA's one generation core (the first is `app.sse`, chat chunks). It reads
+the same events (`app.events`) the worker appends to the replay log, plus the response's
+request metadata (`ResponsesRequest.meta`), and produces the Responses events in OpenAI's order:
+
+    response.created [response.queued] response.in_progress
+    per item: response.output_item.added, then by kind
+      message:   content_part.added, output_text.delta…, output_text.done, content_part.done
+      reasoning: content_part.added, reasoning_text.delta…, reasoning_text.done,
+                 content_part.done  — or, when the request set `reasoning.summary`, only
+                 reasoning_summary_part.added, reasoning_summary_text.delta…, .done,
+                 reasoning_summary_part.done
+      function:  function_call_arguments.delta…, function_call_arguments.done
+    response.output_item.done
+    exactly one of response.completed | response.incomplete | (error, response.failed)
+
+Sequence numbers and item ids depend only on the events, so a resumed stream re-encodes from
+the first event and sends what comes after the client's `starting_after`. Plain dicts and one
+`json.dumps` per event: this runs per token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from app.events import Event
+
+DONE = b"data: [DONE]\n\n"
+
+_KEEP_CODES = frozenset({"context_length_exceeded", "rate_limit_exceeded"})
+"""Error codes a `response.failed` carries as they are (clients act on them); others are
+`server_error`, with HAIA's own code in the `error` event before it."""
+
+
+def frame(event: dict[str, Any]) -> bytes:
+    """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
+    kind: str = event["type"]
+    return (
+        "event: " + kind + "\ndata: " + json.dumps(event, separators=(",", ":")) + "\n\n"
+    ).encode()
+
+
+def _usage(usage: dict[str, int] | None, reasoning_tokens: int) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion)},
+        "total_tokens": prompt + completion,
+    }
+
+
+class ResponseEncoder:
+    """Encodes one response's events, in order; `feed` returns the Responses events one
+    generation event makes (`sequence_number` set), `response()` the response object now."""
+
+    def __init__(self, meta: dict[str, Any], *, completed_at: int | None = None) -> None:
+        self.meta = meta
+        self._suffix = str(meta["id"]).removeprefix("resp_")
+        self._summary = bool(meta.get("summary"))
+        self._namespaces: dict[str, list[str]] = meta.get("namespaces") or {}
+        self._completed_at = completed_at
+        self.seq = -1
+        self.status = "queued" if meta.get("background") else "in_progress"
+        self.output: list[dict[str, Any]] = []
+        self._texts: dict[int, list[str]] = {}
+        self._open: int | None = None  # the open message or reasoning item
+        self._calls: dict[int, int] = {}  # tool call index -> output index
+        self._open_calls: list[int] = []
+        self._reasoning_deltas = 0
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.incomplete: dict[str, Any] | None = None
+        self.ended = False
+
+    # -- the response object ---------------------------------------------------------------
+
+    def response(self) -> dict[str, Any]:
+        meta = self.meta
+        conversation = meta.get("conversation_id")
+        return {
+            "id": meta["id"],
+            "object": "response",
+            "created_at": meta["created_at"],
+            "completed_at": self._completed_at if self.ended else None,
+            "status": self.status,
+            "background": bool(meta.get("background")),
+            "error": self.error,
+            "incomplete_details": self.incomplete,
+            "instructions": meta.get("instructions"),
+            "max_output_tokens": meta.get("max_output_tokens"),
+            "max_tool_calls": meta.get("max_tool_calls"),
+            "model": meta["model"],
+            "output": [self._final(index) for index in range(len(self.output))],
+            "parallel_tool_calls": meta.get("parallel_tool_calls", True),
+            "previous_response_id": meta.get("previous_response_id"),
+            "reasoning": meta.get("reasoning"),
+            "safety_identifier": meta.get("safety_identifier"),
+            "prompt_cache_key": meta.get("prompt_cache_key"),
+            "service_tier": meta.get("service_tier") or "default",
+            "store": bool(meta.get("store", True)),
+            "temperature": meta.get("temperature", 1.0),
+            "text": meta.get("text") or {"format": {"type": "text"}},
+            "tool_choice": meta.get("tool_choice", "auto"),
+            "tools": meta.get("tools") or [],
+            "top_logprobs": meta.get("top_logprobs", 0),
+            "top_p": meta.get("top_p", 1.0),
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "truncation": "disabled",
+            "usage": self.usage,
+            "user": meta.get("user"),
+            "metadata": meta.get("metadata") or {},
+            "conversation": {"id": conversation} if conversation else None,
+        }
+
+    def _final(self, index: int) -> dict[str, Any]:
+        """An output item with its text filled in."""
+        item = self.output[index]
+        text = "".join(self._texts.get(index, ()))
+        kind = item["type"]
+        if kind == "message":
+            return {
+                **item,
+                "content": [
+                    {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                ],
+            }
+        if kind == "reasoning":
+            if self._summary:
+                return {**item, "summary": [{"type": "summary_text", "text": text}]}
+            return {**item, "content": [{"type": "reasoning_text", "text": text}]}
+        return item
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"type": kind, "sequence_number": self.seq, **fields}
+
+    def prelude(self) -> list[dict[str, Any]]:
+        """`response.created` (and `response.queued` for a background response): what is
+        sent before any worker event."""
+        events = [self._event("response.created", response=self.response())]
+        if self.meta.get("background"):
+            events.append(self._event("response.queued", response=self.response()))
+        return events
+
+    def feed(self, event: Event) -> list[dict[str, Any]]:
+        if self.ended:
+            return []
+        if event.type == "delta":
+            if event.tool is not None:
+                return self._tool(event.tool)
+            if event.reasoning:
+                return self._delta("reasoning", event.reasoning)
+            if event.text:
+                return self._delta("message", event.text)
+            return []
+        if event.type == "start":
+            if self.status != "queued":
+                self.status = "in_progress"
+                return [self._event("response.in_progress", response=self.response())]
+            self.status = "in_progress"
+            return [self._event("response.in_progress", response=self.response())]
+        return self._end(event)
+
+    def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        index = self._open
+        if index is None or self.output[index]["type"] != kind:
+            out.extend(self._close_all("completed"))
+            out.extend(self._open_item(kind))
+            index = self._open
+            assert index is not None
+        self._texts[index].append(text)
+        item_id = self.output[index]["id"]
+        if kind == "message":
+            out.append(
+                self._event(
+                    "response.output_text.delta",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    delta=text,
+                    logprobs=[],
+                )
+            )
+            return out
+        self._reasoning_deltas += 1
+        if self._summary:
+            out.append(
+                self._event(
+                    "response.reasoning_summary_text.delta",
+                    item_id=item_id,
+                    output_index=index,
+                    summary_index=0,
+                    delta=text,
+                )
+            )
+        else:
+            out.append(
+                self._event(
+                    "response.reasoning_text.delta",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    delta=text,
+                )
+            )
+        return out
+
+    def _open_item(self, kind: str) -> list[dict[str, Any]]:
+        index = len(self.output)
+        self._texts[index] = []
+        self._open = index
+        if kind == "message":
+            item: dict[str, Any] = {
+                "id": f"msg_{self._suffix}_{index}",
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self.output.append(item)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            return [
+                self._event("response.output_item.added", output_index=index, item=item),
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=part,
+                ),
+            ]
+        item = {
+            "id": f"rs_{self._suffix}_{index}",
+            "type": "reasoning",
+            "status": "in_progress",
+            "summary": [],
+        }
+        if not self._summary:
+            item["content"] = []
+        self.output.append(item)
+        added = self._event("response.output_item.added", output_index=index, item=item)
+        if self._summary:
+            return [
+                added,
+                self._event(
+                    "response.reasoning_summary_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    summary_index=0,
+                    part={"type": "summary_text", "text": ""},
+                ),
+            ]
+        return [
+            added,
+            self._event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part={"type": "reasoning_text", "text": ""},
+            ),
+        ]
+
+    def _tool(self, piece: dict[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        call = int(piece.get("index") or 0)
+        index = self._calls.get(call)
+        if index is None:
+            if self._open is not None:
+                out.extend(self._close(self._open, "completed"))
+            index = len(self.output)
+            self._calls[call] = index
+            self._open_calls.append(index)
+            self._texts[index] = []
+            name = str(piece.get("name") or "")
+            item: dict[str, Any] = {
+                "id": f"fc_{self._suffix}_{index}",
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": str(piece.get("id") or f"call_{self._suffix}_{index}"),
+                "name": name,
+                "arguments": "",
+            }
+            namespace = self._namespaces.get(name)
+            if namespace is not None:
+                item["namespace"], item["name"] = namespace
+            self.output.append(item)
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+        arguments = str(piece.get("arguments") or "")
+        if arguments:
+            self._texts[index].append(arguments)
+            if index in self._open_calls:
+                out.append(
+                    self._event(
+                        "response.function_call_arguments.delta",
+                        item_id=self.output[index]["id"],
+                        output_index=index,
+                        delta=arguments,
+                    )
+                )
+        return out
+
+    def _close_all(self, status: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self._open is not None:
+            out.extend(self._close(self._open, status))
+        for index in list(self._open_calls):
+            out.extend(self._close(index, status))
+        return out
+
+    def _close(self, index: int, status: str) -> list[dict[str, Any]]:
+        item = self.output[index]
+        text = "".join(self._texts.get(index, ()))
+        item_id = item["id"]
+        out: list[dict[str, Any]] = []
+        kind = item["type"]
+        if kind == "message":
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            out.append(
+                self._event(
+                    "response.output_text.done",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    text=text,
+                    logprobs=[],
+                )
+            )
+            out.append(
+                self._event(
+                    "response.content_part.done",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    part=part,
+                )
+            )
+        elif kind == "reasoning" and self._summary:
+            out.append(
+                self._event(
+                    "response.reasoning_summary_text.done",
+                    item_id=item_id,
+                    output_index=index,
+                    summary_index=0,
+                    text=text,
+                )
+            )
+            out.append(
+                self._event(
+                    "response.reasoning_summary_part.done",
+                    item_id=item_id,
+                    output_index=index,
+                    summary_index=0,
+                    part={"type": "summary_text", "text": text},
+                )
+            )
+        elif kind == "reasoning":
+            out.append(
+                self._event(
+                    "response.reasoning_text.done",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    text=text,
+                )
+            )
+            out.append(
+                self._event(
+                    "response.content_part.done",
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    part={"type": "reasoning_text", "text": text},
+                )
+            )
+        else:
+            item["arguments"] = text
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item_id,
+                    output_index=index,
+                    name=item["name"],
+                    arguments=text,
+                )
+            )
+            self._open_calls.remove(index)
+        if self._open == index:
+            self._open = None
+        item["status"] = status
+        out.append(
+            self._event("response.output_item.done", output_index=index, item=self._final(index))
+        )
+        return out
+
+    def _end(self, event: Event) -> list[dict[str, Any]]:
+        self.ended = True
+        if self._completed_at is None:
+            self._completed_at = int(time.time())
+        self.usage = _usage(event.usage, self._reasoning_deltas)
+        status = event.status or "failed"
+        if status == "completed" and event.finish_reason == "length":
+            self.status = "incomplete"
+            self.incomplete = {"reason": "max_output_tokens"}
+            out = self._close_all("incomplete")
+            return [*out, self._event("response.incomplete", response=self.response())]
+        if status == "completed":
+            self.status = "completed"
+            out = self._close_all("completed")
+            return [*out, self._event("response.completed", response=self.response())]
+        out = self._close_all("incomplete")
+        if status == "cancelled":
+            self.status = "cancelled"
+            return [*out, self._event("response.incomplete", response=self.response())]
+        detail = event.error or {}
+        code = str(detail.get("code") or "server_error")
+        message = str(detail.get("message") or "The generation failed.")
+        self.status = "failed"
+        self.error = {"code": code if code in _KEEP_CODES else "server_error", "message": message}
+        error = {
+            "type": str(detail.get("type") or "server_error"),
+            "code": code,
+            "message": message,
+            "param": detail.get("param"),
+        }
+        out.append(
+            self._event("error", code=code, message=message, param=detail.get("param"), error=error)
+        )
+        return [*out, self._event("response.failed", response=self.response())]
+
+
+def encode(meta: dict[str, Any], events: list[Event]) -> list[dict[str, Any]]:
+    """Every Responses event a generation's events make, from the first: a pure function of
+    them (the stream a client that resumes would have received)."""
+    encoder = ResponseEncoder(meta)
+    out = encoder.prelude()
+    for event in events:
+        out.extend(encoder.feed(event))
+    return out
+
+
+class ResponseStream:
+    """The encoder as a relay's `app.streaming.Encoder`: the frames with a sequence number
+    after `after` (-1: all of them); `data: [DONE]` is the relay's."""
+
+    def __init__(self, meta: dict[str, Any], *, after: int = -1, prelude: bool = True) -> None:
+        self.encoder = ResponseEncoder(meta)
+        self._after = after
+        self._prelude = prelude
+
+    def _frames(self, events: list[dict[str, Any]]) -> bytes:
+        after = self._after
+        return b"".join(frame(event) for event in events if event["sequence_number"] > after)
+
+    def opening(self) -> bytes:
+        return self._frames(self.encoder.prelude()) if self._prelude else b""
+
+    def encode(self, event: Event) -> bytes:
+        return self._frames(self.encoder.feed(event))
+
+    def lost(self, detail: dict[str, Any]) -> bytes:
+        """Not an encoded event (no sequence number of its own): the stream broke off."""
+        return frame(
+            {
+                "type": "error",
+                "sequence_number": max(self.encoder.seq, 0),
+                "code": detail.get("code"),
+                "message": str(detail.get("message") or "The stream broke off."),
+                "param": None,
+                "error": {**detail, "param": None},
+            }
+        )
