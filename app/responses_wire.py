@@ -429,15 +429,9 @@ class ResponseEncoder:
         message = str(detail.get("message") or "The generation failed.")
         self.status = "failed"
         self.error = {"code": code if code in _KEEP_CODES else "server_error", "message": message}
-        error = {
-            "type": str(detail.get("type") or "server_error"),
-            "code": code,
-            "message": message,
-            "param": detail.get("param"),
-        }
-        out.append(
-            self._event("error", code=code, message=message, param=detail.get("param"), error=error)
-        )
+        # The SDK's shape (top-level code/message/param): the `openai` SDK aborts a stream on
+        # any event whose data has an `error` key, before `response.failed` could arrive.
+        out.append(self._event("error", code=code, message=message, param=detail.get("param")))
         return [*out, self._event("response.failed", response=self.response())]
 
 
@@ -479,6 +473,5 @@ class ResponseStream:
                 "code": detail.get("code"),
                 "message": str(detail.get("message") or "The stream broke off."),
                 "param": None,
-                "error": {**detail, "param": None},
             }
         )

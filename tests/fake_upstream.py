@@ -37,6 +37,8 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   (OpenAI) / `toolu_fake_<i>` (Anthropic); finish `tool_calls` / `tool_use`. No text unless
   `tokens=` is given too. Fewer declared tools than N is a 400, as a real server answers. Once
   tool results follow the user's message, the model does not call again: it answers.
+- `overflow` (OpenAI wire): a 400 `context_length_exceeded`, as a server whose context window
+  the conversation outgrew answers.
 - `finish=length`: finish reason `length` (Anthropic `max_tokens`) instead of `stop`/`end_turn`.
 
 Script rules make it answer a request it cannot put a directive in (a fixed prompt of a
@@ -366,6 +368,15 @@ async def chat(request: Request) -> HTTPResponse | None:
     options = received(request, turn, "openai")
     if "garbage" in options:
         return _garbage()
+    if "overflow" in options:
+        return _openai_error(
+            "This model's maximum context length is 8192 tokens; the messages are longer.",
+            "invalid_request_error",
+            400,
+            {},
+            param="messages",
+            code="context_length_exceeded",
+        )
     if "status" in options:
         status = int(options["status"])
         kind = "overloaded_error" if status == 529 else "api_error"
@@ -430,9 +441,14 @@ def _retry_after(options: dict[str, str]) -> dict[str, str]:
 
 
 def _openai_error(
-    message: str, kind: str, status: int, options: dict[str, str], param: str | None = None
+    message: str,
+    kind: str,
+    status: int,
+    options: dict[str, str],
+    param: str | None = None,
+    code: str | None = None,
 ) -> HTTPResponse:
-    error = {"message": message, "type": kind, "param": param, "code": None}
+    error = {"message": message, "type": kind, "param": param, "code": code}
     return json_response({"error": error}, status=status, headers=_retry_after(options))
 
 

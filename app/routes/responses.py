@@ -37,6 +37,8 @@ from app.turns import Turn, start_chain_turn, start_turn
 bp = Blueprint("responses")
 
 MAX_LIST = 100
+OVERFLOW = "context_length_exceeded"
+"""Streamed as `response.failed` even before any output: the Codex CLI acts on that code."""
 
 
 def new_response_id() -> str:
@@ -231,7 +233,12 @@ async def _stream(
         return
     pending = await _await_worker(svc, events, turn)
     first = pending[0] if pending else await first_event(events)
-    if first is not None and first.is_terminal and first.status == Status.FAILED:
+    if (
+        first is not None
+        and first.is_terminal
+        and first.status == Status.FAILED
+        and (first.error or {}).get("code") != OVERFLOW
+    ):
         raise failure(first)  # nothing sent yet: the client gets the real status
     started: list[Event | None] = [] if pending else [Event(seq=1, type="start")]
     response = await open_stream(request, headers)
