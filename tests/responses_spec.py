@@ -7,7 +7,8 @@ Two references, both as their publishers ship them:
   one `*StreamingEvent` model per event type the spec defines;
 - the `openai` SDK's own types (`openai.types.responses`): `Response` and the
   `ResponseStreamEvent` union, the normative list of event shapes (DESIGN "The Responses API").
-  Events the spec names differently (`response.reasoning_text.*`) are checked against these.
+  Events the spec names differently (`response.reasoning_text.*`) or shapes as the SDK cannot
+  read (`error`) are checked against these alone (see `SDK_ONLY_EVENTS`).
 
 Both are validated in pydantic's strict mode on the JSON text as it came off the wire (no
 coercion: `"1"` is not an int, a missing required field or a null where the schema forbids one
@@ -51,11 +52,19 @@ SPEC_EVENTS: dict[str, type[BaseModel]] = {
     "response.reasoning_summary_part.done": spec.ResponseReasoningSummaryPartDoneStreamingEvent,
     "response.reasoning_summary_text.delta": spec.ResponseReasoningSummaryDeltaStreamingEvent,
     "response.reasoning_summary_text.done": spec.ResponseReasoningSummaryDoneStreamingEvent,
-    "error": spec.ErrorStreamingEvent,
 }
-# Named by OpenAI only (the spec calls these `response.reasoning.*`, which HAIA does not send):
-# the SDK's types are their schema.
-OPENAI_ONLY_EVENTS = frozenset({"response.reasoning_text.delta", "response.reasoning_text.done"})
+# Checked against the SDK's types only:
+# - `response.reasoning_text.*`: named by OpenAI only (the spec's `response.reasoning.*`, which
+#   HAIA does not send: the SDK, the Codex CLI and OpenWebUI read OpenAI's names);
+# - `error`: the spec nests its payload under an `error` key, and the `openai` SDK raises on any
+#   event whose data has one, before `response.failed` arrives; HAIA sends the SDK's shape
+#   (top-level `code`, `message`, `param`), as OpenAI does.
+SDK_ONLY_EVENTS = frozenset(
+    {"response.reasoning_text.delta", "response.reasoning_text.done", "error"}
+)
+# Error codes a failed response carries that the SDK's `ResponseError.code` literal does not
+# list but clients act on (the Codex CLI: a full context window); anything else must be listed.
+CLIENT_ERROR_CODES = frozenset({"context_length_exceeded"})
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 TERMINAL_STATUS = {
     "response.completed": "completed",
@@ -99,11 +108,32 @@ def check_response(data: dict[str, Any] | str) -> dict[str, Any]:
     """A response object (a body, `GET`, a lifecycle event's `response`), checked; returned
     as a dict."""
     text = _text(data)
-    _validate(_SPEC_RESPONSE, text, "Open Responses ResponseResource")
-    _validate(_SDK_RESPONSE, text, "openai Response")
     body: dict[str, Any] = json.loads(text)
+    _validate(_SPEC_RESPONSE, _spec_view(body, text), "Open Responses ResponseResource")
+    _validate(_SDK_RESPONSE, _sdk_view(body, text), "openai Response")
     _check_output_items(body)
     return body
+
+
+def _spec_view(body: dict[str, Any], text: str) -> str:
+    """The body as `openresponses-types` can judge it. Its generated `JsonSchemaResponseFormat`
+    types `schema` as `None` only, where the spec's JSON says `object` or `null`: checked here
+    against the spec, then nulled for the model (which still checks every other field)."""
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or "schema" not in fmt:
+        return text
+    if not isinstance(fmt["schema"], dict | None):
+        raise SpecViolation(f"text.format.schema must be an object or null: {fmt['schema']!r}")
+    return json.dumps({**body, "text": {**body["text"], "format": {**fmt, "schema": None}}})
+
+
+def _sdk_view(body: dict[str, Any], text: str) -> str:
+    """The body as the SDK's types can judge it: an error code of `CLIENT_ERROR_CODES` stands
+    in as `server_error` for the SDK's literal."""
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("code") in CLIENT_ERROR_CODES:
+        return json.dumps({**body, "error": {**error, "code": "server_error"}})
+    return text
 
 
 def _check_output_items(body: dict[str, Any]) -> None:
@@ -122,7 +152,7 @@ def check_event(data: dict[str, Any] | str) -> dict[str, Any]:
     text = _text(data)
     event: dict[str, Any] = json.loads(text)
     kind = event.get("type")
-    if not isinstance(kind, str) or kind not in SPEC_EVENTS.keys() | OPENAI_ONLY_EVENTS:
+    if not isinstance(kind, str) or kind not in SPEC_EVENTS.keys() | SDK_ONLY_EVENTS:
         raise SpecViolation(f"event type {kind!r} is neither an Open Responses nor an openai event")
     if kind in SPEC_EVENTS:
         _validate(_adapter(SPEC_EVENTS[kind]), text, f"Open Responses {SPEC_EVENTS[kind].__name__}")

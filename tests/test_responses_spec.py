@@ -193,7 +193,9 @@ def test_every_event_of_a_good_stream_passes_alone() -> None:
         {"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
          "content_index": 0, "delta": "x", "logprobs": []},  # no sequence_number
         {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_1"}},
-        {"type": "error", "sequence_number": 4, "message": "boom"},
+        # the spec's shape of `error`, on which the openai SDK raises: HAIA sends the SDK's
+        {"type": "error", "sequence_number": 4,
+         "error": {"type": "server_error", "code": "x", "message": "boom", "param": None}},
     ],
 )  # fmt: skip
 def test_a_malformed_event_fails(event: dict[str, Any]) -> None:
@@ -201,10 +203,36 @@ def test_a_malformed_event_fails(event: dict[str, Any]) -> None:
         check_event(event)
 
 
-def test_the_openai_named_reasoning_text_events_pass() -> None:
+def test_the_openai_named_reasoning_text_events_and_the_sdk_error_event_pass() -> None:
     base = {"item_id": "r", "output_index": 0, "content_index": 0, "sequence_number": 5}
     check_event({"type": "response.reasoning_text.delta", **base, "delta": "x"})
     check_event({"type": "response.reasoning_text.done", **base, "text": "x"})
+    error = {"type": "error", "sequence_number": 6, "message": "boom", "param": None}
+    check_event({**error, "code": "upstream_error"})
+
+
+def test_a_json_schema_format_is_judged_by_the_spec_json() -> None:
+    """`openresponses-types` types `schema` as null only; the spec says object or null."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    fmt = {"type": "json_schema", "name": "t", "description": None, "strict": True}
+    body = response()
+    body["text"] = {"format": {**fmt, "schema": schema}}
+    assert check_response(body)["text"]["format"]["schema"] == schema  # returned as sent
+    for broken in ({**fmt, "schema": "an object"}, {"type": "json_schema", "name": "t",
+                   "schema": schema, "strict": True}):  # fmt: skip
+        body["text"] = {"format": broken}
+        with pytest.raises(SpecViolation):  # not an object; no description (required)
+            check_response(body)
+
+
+def test_failed_responses_carry_an_sdk_error_code_or_a_client_one() -> None:
+    body = response("failed")
+    for code in ("server_error", "rate_limit_exceeded", "context_length_exceeded"):
+        body["error"] = {"code": code, "message": "it failed"}
+        check_response(body)
+    body["error"] = {"code": "upstream_error", "message": "it failed"}
+    with pytest.raises(SpecViolation, match="openai Response"):
+        check_response(body)
 
 
 # --- streams --------------------------------------------------------------------------------
