@@ -7,7 +7,9 @@ upstream's script rules play the model: asked to run the marker command, it thin
 Codex's shell tool `exec_command`; once the command's output (the marker) is in, it thinks
 again and answers. Codex must run the command (the file is there), send its output back (the
 fake saw it), show the thinking (it comes only from `response.reasoning_summary_text.*`) and
-print the answer.
+print the answer. Then `codex exec resume` asks a follow-up: Codex sends the whole chain again,
+HAIA's own output items included (`store: false`, no `previous_response_id`), and the answer
+must come back.
 
 Between Codex and HAIA a wire tap forwards and keeps every exchange: what Codex sent (checked
 against what Codex is known to send, so a new Codex that changes its wire shows up here) and
@@ -46,6 +48,8 @@ COMMAND = f"echo {MARKER} > out.txt; cat out.txt"
 FIRST_THOUGHT = "I will run the marker command."
 SECOND_THOUGHT = "The command printed the marker."
 ANSWER = f"The file out.txt says {MARKER}."
+FOLLOW_UP = "Thanks. Now say goodbye to the HAIA marker."
+GOODBYE = f"Goodbye, {MARKER}."
 _HOP = {"host", "content-length", "accept-encoding", "connection", "transfer-encoding"}
 
 
@@ -153,6 +157,7 @@ async def marker_script(stack: Stack) -> AsyncIterator[None]:
             "calls": [{"name": "exec_command", "arguments": {"cmd": COMMAND}}],
         },
         {"match": PROMPT, "after": MARKER, "think": SECOND_THOUGHT, "text": ANSWER},
+        {"match": FOLLOW_UP, "text": GOODBYE},
     ]
     async with httpx.AsyncClient(base_url=stack.upstream_url) as upstream:
         await upstream.delete("/_requests")
@@ -193,7 +198,10 @@ plugins = false
     return path
 
 
-async def run_codex(codex: Path, home: Path, work: Path, proxy: str) -> tuple[int, str, str]:
+async def run_codex(
+    codex: Path, home: Path, work: Path, proxy: str, *turn: str
+) -> tuple[int, str, str]:
+    """`codex exec` in `work`, then `turn`: a prompt, or `resume <thread> <prompt>`."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -213,12 +221,11 @@ async def run_codex(codex: Path, home: Path, work: Path, proxy: str) -> tuple[in
         "--strict-config",
         "--json",
         "--skip-git-repo-check",
-        "--ephemeral",
         "--sandbox",
         "workspace-write",
         "--cd",
         str(work),
-        PROMPT,
+        *turn,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -229,10 +236,14 @@ async def run_codex(codex: Path, home: Path, work: Path, proxy: str) -> tuple[in
     return process.returncode, out.decode(), err.decode()
 
 
+def codex_events(stdout: str) -> list[dict[str, Any]]:
+    """What `codex exec --json` reports, one JSON object a line."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def codex_items(stdout: str) -> list[dict[str, Any]]:
     """The items `codex exec --json` reports completed."""
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return [event["item"] for event in events if event["type"] == "item.completed"]
+    return [event["item"] for event in codex_events(stdout) if event["type"] == "item.completed"]
 
 
 def tool_results(body: dict[str, Any]) -> list[str]:
@@ -282,8 +293,11 @@ async def test_codex_runs_a_shell_command_and_answers_through_haia(
     ):
         tap.session = session
         home = codex_home(tmp_path / "codex-home", tapped, model)
-        code, out, err = await run_codex(codex, home, work, proxy)
-    assert code == 0, f"codex exec failed ({code}):\n{err}\n{out}"
+        code, out, err = await run_codex(codex, home, work, proxy, PROMPT)
+        assert code == 0, f"codex exec failed ({code}):\n{err}\n{out}"
+        [thread] = [e["thread_id"] for e in codex_events(out) if e["type"] == "thread.started"]
+        code, again, err = await run_codex(codex, home, work, proxy, "resume", thread, FOLLOW_UP)
+        assert code == 0, f"codex exec resume failed ({code}):\n{err}\n{again}"
 
     # The command ran in the workspace, and Codex showed the thinking and printed the answer.
     assert (work / "out.txt").read_text() == f"{MARKER}\n"
@@ -294,23 +308,36 @@ async def test_codex_runs_a_shell_command_and_answers_through_haia(
     assert MARKER in command["aggregated_output"]
     assert [i["text"] for i in items if i["type"] == "agent_message"] == [ANSWER]
 
-    # Two turns on the wire, each answered by a strictly valid stream.
+    # The chain goes on: resumed, the whole conversation is sent again and answered.
+    assert [i["text"] for i in codex_items(again) if i["type"] == "agent_message"] == [GOODBYE]
+
+    # Three requests on the wire, each answered by a strictly valid stream.
     turns = [e for e in tap.exchanges if e.path == "/v1/responses"]
-    assert len(turns) == 2, [(e.method, e.path, e.status) for e in tap.exchanges]
+    assert len(turns) == 3, [(e.method, e.path, e.status) for e in tap.exchanges]
     for exchange in turns:
         check_codex_request(exchange)
         assert exchange.status == 200, exchange.response.decode()
         stream = check_stream(exchange.response.decode())
-        assert stream.of_type("response.reasoning_summary_text.delta")
         assert not stream.of_type("response.reasoning_text.delta")  # summary only, once
+        thought = exchange is not turns[2]  # the follow-up's answer comes without thinking
+        assert bool(stream.of_type("response.reasoning_summary_text.delta")) is thought
     second_input = turns[1].body["input"]
     [output] = [item for item in second_input if item["type"] == "function_call_output"]
     assert MARKER in output["output"]
+    # The third carries HAIA's own output items back (reasoning, the call, the answer).
+    third_input = turns[2].body["input"]
+    kinds = [item["type"] for item in third_input]
+    assert kinds.count("reasoning") == 2 and "function_call" in kinds
+    replayed = [i for i in third_input if i.get("role") == "assistant"]
+    assert ANSWER in json.dumps(replayed)
 
-    # The model was offered Codex's shell tool (not the hosted web_search) and saw the output.
-    first, second = (r["body"] for r in await stack.upstream_requests())
+    # The model was offered Codex's shell tool (not the hosted web_search) and saw the output;
+    # on the follow-up, the whole chain: the tool exchange and the answer.
+    first, second, third = (r["body"] for r in await stack.upstream_requests())
     assert "exec_command" in offered(first) and "web_search" not in offered(first)
     assert not tool_results(first)
     assert any(MARKER in result for result in tool_results(second))
+    assert any(MARKER in result for result in tool_results(third))
+    assert ANSWER in json.dumps(third["messages"])
 
     assert attempts == [], f"Codex tried to leave 127.0.0.1: {attempts}"
