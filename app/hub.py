@@ -17,7 +17,13 @@ from app.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-Item = bytes | Exception
+
+class Silence:
+    """Queued by a follower's own timer when nothing arrived for a while."""
+
+
+SILENCE = Silence()
+Item = bytes | Exception | Silence
 SUBSCRIBE_TIMEOUT = 5.0
 
 

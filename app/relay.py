@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from app import keys
 from app.errors import Unavailable
 from app.events import Event
-from app.hub import EventHub, Item
+from app.hub import SILENCE, EventHub, Item, Silence
 
 
 class Follower:
@@ -24,7 +24,24 @@ class Follower:
         self._redis = redis
         self._log = keys.gen_log(completion_id)
         self._queue = queue
-        self._keepalive = keepalive
+        # Silence is noticed by one timer per follower, not one per token: every half
+        # interval it checks whether anything arrived since its last look, and if not it
+        # queues SILENCE. A ping thus follows between half and one interval of silence.
+        self._period = keepalive / 2
+        self._received = 0
+        self._seen_at_tick = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _tick(self) -> None:
+        if self._received == self._seen_at_tick:
+            self._queue.put_nowait(SILENCE)
+        self._seen_at_tick = self._received
+        self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _logged(self, start: int, stop: int = -1) -> list[Event]:
         try:
@@ -63,13 +80,17 @@ class Follower:
 
     async def _next_live(self, last: int) -> list[Event] | None:
         """The next live events after `last` (with any gap filled from the log), or None."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
         while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), self._keepalive)
-            except TimeoutError:
+            item = await self._queue.get()
+            if isinstance(item, Silence):
+                if self._received != self._seen_at_tick:
+                    continue  # a stale tick: events arrived since it was queued
                 # Silence: also the moment to catch up on anything the live channel missed
                 # (a hub reconnect, an unsubscribe racing a resubscribe).
                 return await self._logged(last) or None
+            self._received += 1
             if isinstance(item, Exception):
                 raise Unavailable("HAIA lost its connection to Redis; try again shortly.")
             event = Event.from_json(item)
@@ -90,4 +111,8 @@ class Relay:
     @asynccontextmanager
     async def follow(self, completion_id: str) -> AsyncIterator[Follower]:
         async with self._hub.subscribe(keys.gen_channel(completion_id)) as queue:
-            yield Follower(self._redis, completion_id, queue, self._keepalive)
+            follower = Follower(self._redis, completion_id, queue, self._keepalive)
+            try:
+                yield follower
+            finally:
+                follower.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from app.generations import (
     take_fence,
     ttls,
 )
-from app.publish import Fenced, Publisher
+from app.publish import Batcher, Fenced, Publisher
 from tests.conftest import REDIS_BASE
 
 
@@ -103,6 +104,54 @@ async def test_a_stale_run_can_neither_publish_nor_finish(
     assert [e.seq for e in events] == [1, 2, 3, 4]
     assert "late words" not in "".join(e.text for e in events)
     assert (await fresh(message)).status == Status.COMPLETED
+
+
+async def test_one_batch_serves_many_generations_and_refuses_a_stale_one(
+    stores: aioredis.Redis, settings: Settings
+) -> None:
+    """The batcher sends every generation's deltas of a tick in one call, fence by fence."""
+    batcher = Batcher(stores)
+    batcher.start()
+    try:
+        runs = []
+        for _ in range(3):
+            message = await queued_turn()
+            run = await take_fence(stores, settings, message, status=Status.IN_PROGRESS)
+            assert run is not None
+            runs.append((str(message.completion_id), run, message))
+        publishers = [
+            Publisher(stores, cid, run.token, ttls(settings), batcher) for cid, run, _ in runs
+        ]
+        for publisher in publishers:
+            await publisher.start()
+        # The second generation's run is superseded before its deltas go out.
+        stale_id, _, stale_message = runs[1]
+        assert await take_fence(
+            stores, settings, await fresh(stale_message), status=Status.IN_PROGRESS
+        )
+        for i, publisher in enumerate(publishers):
+            publisher.delta(f"gen {i} a ")
+            publisher.delta(f"gen {i} b")
+        for _ in range(100):
+            if all(not p.pending for p in publishers) and publishers[1].fenced:
+                break
+            await asyncio.sleep(0.01)
+        assert [p.fenced for p in publishers] == [False, True, False]
+        for i in (0, 2):
+            events = await logged_events(stores, runs[i][0])
+            assert [e.seq for e in events] == [1, 2, 3]
+            assert "".join(e.text for e in events) == f"gen {i} a gen {i} b"
+        assert [e.type for e in await logged_events(stores, stale_id)] == ["start"]
+        # After a Redis restart the script is gone: the batcher loads it again.
+        await stores.script_flush()
+        publishers[0].delta(" c")
+        for _ in range(100):
+            if not publishers[0].pending:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.text for e in await logged_events(stores, runs[0][0])][-1] == " c"
+    finally:
+        await batcher.stop()
 
 
 async def test_interrupted_never_becomes_completed(
