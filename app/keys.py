@@ -49,6 +49,12 @@ def arq_retry(job_id: str) -> str:
     return retry_key_prefix + job_id
 
 
+def response_meta(response_id: str) -> str:
+    """A `store: false` response's owner and request metadata: what lets its events be
+    resumed after its rows are gone (expires with its replay log)."""
+    return f"{PREFIX}gen:{response_id}:meta"
+
+
 def gen_fence(completion_id: str) -> str:
     """Which run may write the generation's events: its attempt number, or `end` once ended."""
     return f"{PREFIX}gen:{completion_id}:fence"

@@ -124,6 +124,22 @@ def stream_events() -> Any:
     return Reference(REF.format(model="StreamEvent"))  # type: ignore[no-untyped-call]
 
 
+def response_events() -> Any:
+    """One Responses API server-sent event: `event` is its type, `data` the event as JSON with
+    its `sequence_number` (resume with `starting_after`), or the final `[DONE]`; no `id`."""
+    spec = SpecificationBuilder()
+    spec.add_component(
+        "schemas",
+        "ResponseStreamEvent",
+        {
+            "type": "object",
+            "description": response_events.__doc__,
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+        },
+    )
+    return Reference(REF.format(model="ResponseStreamEvent"))  # type: ignore[no-untyped-call]
+
+
 BEARER = "bearer"
 
 

@@ -10,43 +10,32 @@ out as a summary). Nothing here runs per token.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from app.errors import InvalidRequest
 from app.schemas import ChatCompletionRequest, ChatMessage, ReasoningEffort, StrictFloat
 
-HOSTED_TOOLS = frozenset(
-    {
-        "web_search",
-        "web_search_preview",
-        "web_search_2025_08_26",
-        "web_search_preview_2025_03_11",
-        "file_search",
-        "computer_use_preview",
-        "computer",
-        "code_interpreter",
-        "image_generation",
-        "mcp",
-        "local_shell",
-        "shell",
-        "apply_patch",
-        "custom",
-        "tool_search",
-    }
-)
-"""Tools the server runs at OpenAI: not offered to the model, never an error."""
-
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 _SKIPPED_ITEMS = frozenset({"reasoning", "item_reference", "compaction", "compaction_summary"})
 
 
+_EFFORTS: frozenset[str] = frozenset(get_args(ReasoningEffort))
+
+
 class Reasoning(BaseModel):
+    """`reasoning`: values a model cannot take are accepted and not passed on (newer clients
+    send newer ones)."""
+
     model_config = ConfigDict(extra="allow")
 
-    effort: ReasoningEffort | None = None
-    summary: Literal["auto", "concise", "detailed"] | None = None
+    effort: str | None = None
+    summary: str | None = None
+
+    @property
+    def wants_summary(self) -> bool:
+        return self.summary not in (None, "", "none")
 
 
 class TextFormat(BaseModel):
@@ -63,7 +52,7 @@ class TextConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
+    verbosity: str | None = None
 
 
 class ResponsesRequest(BaseModel):
@@ -158,7 +147,7 @@ class ResponsesRequest(BaseModel):
                 chat[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             chat["max_tokens"] = self.max_output_tokens
-        if self.reasoning is not None and self.reasoning.effort is not None:
+        if self.reasoning is not None and self.reasoning.effort in _EFFORTS:
             chat["reasoning_effort"] = self.reasoning.effort
         response_format = self._response_format()
         if response_format is not None:
@@ -253,7 +242,7 @@ class ResponsesRequest(BaseModel):
                 for tool in function_tools(self.tools)
                 if tool.get("namespace")
             },
-            "summary": bool(self.reasoning is not None and self.reasoning.summary),
+            "summary": bool(self.reasoning is not None and self.reasoning.wants_summary),
         }
 
     def unsupported_part(self) -> tuple[str, str] | None:
@@ -300,12 +289,14 @@ def function_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for tool in tools or ():
         kind = tool.get("type")
-        if kind == "function" and tool.get("name"):
+        if kind == "function" and isinstance(tool.get("name"), str) and tool["name"]:
             found.append({**tool, "original": tool["name"]})
         elif kind == "namespace":
             namespace = str(tool.get("name") or "")
             for inner in tool.get("tools") or ():
-                if inner.get("type", "function") != "function" or not inner.get("name"):
+                if not isinstance(inner, dict) or inner.get("type", "function") != "function":
+                    continue
+                if not isinstance(inner.get("name"), str) or not inner["name"]:
                     continue
                 found.append(
                     {
@@ -391,3 +382,72 @@ def _message_of(item: dict[str, Any], index: int) -> ChatMessage | None:
     if kind in _SKIPPED_ITEMS:
         return None
     return None  # hosted tools' calls and outputs: the model never had those tools
+
+
+# -- documentation models (the OpenAPI description; the routes build plain dicts) -------------
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A response (`object: "response"`): the body of `POST /v1/responses`, of `GET`, and the
+    `response` of every lifecycle event. Every field of the Open Responses `ResponseResource`
+    is present."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    completed_at: int | None
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: bool
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: int | None
+    model: str
+    output: list[dict[str, Any]]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    reasoning: dict[str, Any] | None
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    service_tier: str
+    store: bool
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    truncation: Literal["disabled"]
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, str]
+    conversation: dict[str, str] | None
+
+
+class InputItemList(BaseModel):
+    """`GET /v1/responses/{id}/input_items`: the input items, each with its `id`."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"]
+    deleted: bool

@@ -137,7 +137,7 @@ class ResponseEncoder:
             if self._summary:
                 return {**item, "summary": [{"type": "summary_text", "text": text}]}
             return {**item, "content": [{"type": "reasoning_text", "text": text}]}
-        return item
+        return dict(item)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -165,9 +165,6 @@ class ResponseEncoder:
                 return self._delta("message", event.text)
             return []
         if event.type == "start":
-            if self.status != "queued":
-                self.status = "in_progress"
-                return [self._event("response.in_progress", response=self.response())]
             self.status = "in_progress"
             return [self._event("response.in_progress", response=self.response())]
         return self._end(event)
@@ -232,7 +229,7 @@ class ResponseEncoder:
             self.output.append(item)
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             return [
-                self._event("response.output_item.added", output_index=index, item=item),
+                self._event("response.output_item.added", output_index=index, item=dict(item)),
                 self._event(
                     "response.content_part.added",
                     item_id=item["id"],
@@ -250,7 +247,7 @@ class ResponseEncoder:
         if not self._summary:
             item["content"] = []
         self.output.append(item)
-        added = self._event("response.output_item.added", output_index=index, item=item)
+        added = self._event("response.output_item.added", output_index=index, item=dict(item))
         if self._summary:
             return [
                 added,
@@ -297,7 +294,8 @@ class ResponseEncoder:
             if namespace is not None:
                 item["namespace"], item["name"] = namespace
             self.output.append(item)
-            out.append(self._event("response.output_item.added", output_index=index, item=item))
+            added = self._event("response.output_item.added", output_index=index, item=dict(item))
+            out.append(added)
         arguments = str(piece.get("arguments") or "")
         if arguments:
             self._texts[index].append(arguments)

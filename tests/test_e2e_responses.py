@@ -9,7 +9,7 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -247,7 +247,7 @@ async def test_tool_call_then_its_output_continues_the_chain(
 async def test_namespace_tools_come_back_under_their_declared_names(
     stack: Stack, sdk: AsyncOpenAI
 ) -> None:
-    crm = {
+    crm: Any = {
         "type": "namespace",
         "name": "crm",
         "description": "Customer records",
@@ -264,7 +264,7 @@ async def test_namespace_tools_come_back_under_their_declared_names(
         model="ollama:fake-model",
         input="#fake call=1",
         tools=[crm],
-        store=False,  # type: ignore[list-item]
+        store=False,
     )
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert (call.namespace, call.name) == ("crm", "lookup_customer")
@@ -274,33 +274,36 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     followup = await sdk.responses.create(
         model="ollama:fake-model",
         store=False,
-        tools=[crm],  # type: ignore[list-item]
+        tools=[crm],
         include=["reasoning.encrypted_content"],
         reasoning={"summary": "auto"},
-        input=[
-            {"type": "message", "role": "developer", "content": "You are Codex."},
-            {
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "#fake call=1"}],
-            },
-            {
-                "type": "reasoning",
-                "id": "rs_1",
-                "summary": [],
-                "content": None,
-                "encrypted_content": None,
-            },
-            {
-                "type": "function_call",
-                "id": call.id,
-                "call_id": call.call_id,
-                "namespace": "crm",
-                "name": "lookup_customer",
-                "arguments": call.arguments,
-            },
-            {"type": "function_call_output", "call_id": call.call_id, "output": "Ada"},
-        ],  # type: ignore[arg-type]
+        input=cast(
+            Any,
+            [
+                {"type": "message", "role": "developer", "content": "You are Codex."},
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "#fake call=1"}],
+                },
+                {
+                    "type": "reasoning",
+                    "id": "rs_1",
+                    "summary": [],
+                    "content": None,
+                    "encrypted_content": None,
+                },
+                {
+                    "type": "function_call",
+                    "id": call.id,
+                    "call_id": call.call_id,
+                    "namespace": "crm",
+                    "name": "lookup_customer",
+                    "arguments": call.arguments,
+                },
+                {"type": "function_call_output", "call_id": call.call_id, "output": "Ada"},
+            ],
+        ),
     )
     assert "[tool results: 1]" in followup.output_text
     sent = (await stack.upstream_requests())[-1]["body"]
@@ -331,15 +334,15 @@ async def test_reasoning_as_reasoning_text_or_as_summary(
     )
     events = [dumped(event) async for event in summary]
     assert_order(events)
-    kinds = [e["type"] for e in events]
-    assert not any(kind.startswith("response.reasoning_text") for kind in kinds)
+    order = [e["type"] for e in events]
+    assert not any(kind.startswith("response.reasoning_text") for kind in order)
     for kind in (
         "response.reasoning_summary_part.added",
         "response.reasoning_summary_text.delta",
         "response.reasoning_summary_text.done",
         "response.reasoning_summary_part.done",
     ):
-        assert kind in kinds
+        assert kind in order
     text = "".join(
         e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta"
     )
@@ -470,7 +473,7 @@ async def test_cancel_delete_and_input_items(stack: Stack, sdk: AsyncOpenAI) -> 
     assert (await sdk.responses.retrieve(response.id)).status == "cancelled"
 
     items = await sdk.responses.input_items.list(response.id)
-    texts = [item.content[0].text for item in items.data]  # type: ignore[union-attr]
+    texts = [cast(Any, item).content[0].text for item in items.data]
     assert texts == ["#fake tokens=400 delay=0.02", "an answer", "first"]
     ascending = await sdk.responses.input_items.list(response.id, order="asc")
     assert [i.id for i in ascending.data] == [i.id for i in reversed(items.data)]
@@ -490,9 +493,15 @@ async def test_store_false_keeps_nothing_after_the_end(stack: Stack, sdk: AsyncO
     response = await sdk.responses.create(
         model="ollama:fake-model", input="#fake tokens=3 unstored-marker", store=False
     )
-    assert response.store is False and response.output_text == expected(3)
+    assert response.model_dump(warnings=False)["store"] is False
+    assert response.output_text == expected(3)
     with pytest.raises(NotFoundError):
         await sdk.responses.retrieve(response.id)
+    # Its events stay resumable until HAIA_REPLAY_TTL after its end.
+    replay = await sdk.responses.retrieve(response.id, stream=True, starting_after=4)
+    events = [dumped(event) async for event in replay]  # 4 was the first delta
+    assert events[0]["sequence_number"] == 5 and events[-1]["type"] == "response.completed"
+    assert text_of(events) == expected(3)[len("tok0 ") :]
     rows = await dbcheck.query(
         stack.database_url,
         "SELECT id FROM haia_message WHERE content LIKE $1 OR completion_id = $2",

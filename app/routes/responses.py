@@ -7,6 +7,7 @@ requests are translated by `app.responses_schema`, events encoded by `app.respon
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -15,6 +16,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
+from sanic_ext.extensions.openapi.definitions import Component
 
 from app import keys
 from app.context import Services, services
@@ -24,10 +26,15 @@ from app.errors import InvalidRequest, NotFound, Unavailable
 from app.events import Event
 from app.generations import RESPONSE_PREFIX, logged_events
 from app.logs import request_id_var
-from app.openapi import errors, integer
+from app.openapi import errors, integer, register, response_events, returns
 from app.relay import Follower
 from app.request_body import parse_body, read_body
-from app.responses_schema import ResponsesRequest
+from app.responses_schema import (
+    InputItemList,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
 from app.responses_wire import ResponseEncoder, ResponseStream
 from app.routes.chat import CHAT_ID_HEADER, CONVERSATION_HEADER, _admit, _await_worker, _enqueue
 from app.routes.completions import MAX_SEQ, stop_generation, stored_events
@@ -35,6 +42,8 @@ from app.streaming import failure, first_event, open_stream, relay_encoded
 from app.turns import Turn, start_chain_turn, start_turn
 
 bp = Blueprint("responses")
+register(ResponsesRequest, mode="validation")
+register(ResponseObject)
 
 MAX_LIST = 100
 OVERFLOW = "context_length_exceeded"
@@ -112,8 +121,8 @@ def _check(svc: Services, body: ResponsesRequest) -> None:
             "'input_text', 'output_text' and 'input_image' parts (image URLs or data URLs).",
             param=param,
         )
-    if not items and not body.previous_response_id:
-        raise InvalidRequest("input must hold at least one item.", param="input")
+    if not body.chat_messages() and not body.previous_response_id:
+        raise InvalidRequest("input must hold at least one message.", param="input")
 
 
 @bp.post("/v1/responses", stream=True)
@@ -125,10 +134,10 @@ def _check(svc: Services, body: ResponsesRequest) -> None:
     "events carry `sequence_number` and no SSE ids: resume with "
     "`GET /v1/responses/{id}?stream=true&starting_after=N`."
 )
-@openapi.body({"application/json": {"type": "object"}}, required=True)
+@openapi.body({"application/json": Component(ResponsesRequest)}, required=True)
 @openapi.response(
     200,
-    {"application/json": {"type": "object"}, "text/event-stream": {"type": "string"}},
+    {"application/json": Component(ResponseObject), "text/event-stream": response_events()},
     "The response object, or its events (SSE) with stream: true",
 )
 @errors(400, 404, 408, 413, 429, 502, 503, 504)
@@ -163,6 +172,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
             store=body.store,
         )
 
+    if not body.store:
+        await _remember(svc, request.ctx.owner, meta)
     async with svc.relay.follow(response_id) as follower:
         if after is not None or not body.store:
             turn = await start_chain_turn(
@@ -194,6 +205,25 @@ async def create_response(request: Request) -> HTTPResponse | None:
             return json_response(ResponseEncoder(meta).response(), headers=headers)
         events = await _collect(svc, follower, turn)
         return json_response(_encoded(meta, events).response(), headers=headers)
+
+
+async def _remember(svc: Services, owner: str, meta: dict[str, Any]) -> None:
+    """Keep a `store: false` response's metadata in Redis as long as its replay log may live,
+    so its events stay resumable after its rows are gone."""
+    ttl = svc.settings.job_timeout + svc.settings.replay_ttl
+    data = json.dumps({"owner": owner, "meta": meta})
+    await svc.redis.set(keys.response_meta(str(meta["id"])), data, ex=ttl)
+
+
+async def _remembered(svc: Services, owner: str, response_id: str) -> dict[str, Any] | None:
+    if not looks_like_response_id(response_id):
+        return None
+    raw = await svc.redis.get(keys.response_meta(response_id))
+    data = json.loads(raw) if raw else None
+    if not isinstance(data, dict) or data.get("owner") != owner:
+        return None
+    meta: dict[str, Any] = data["meta"]
+    return meta
 
 
 def _conversation_param(request: Request, body: ResponsesRequest) -> str | None:
@@ -356,7 +386,7 @@ def _flag(request: Request, name: str) -> bool:
 @openapi.parameter("Last-Event-ID", integer(minimum=0, maximum=MAX_SEQ), "header")
 @openapi.response(
     200,
-    {"application/json": {"type": "object"}, "text/event-stream": {"type": "string"}},
+    {"application/json": Component(ResponseObject), "text/event-stream": response_events()},
     "The response object (status queued, in_progress, completed, incomplete, failed or "
     "cancelled), or its events after starting_after, live until the end",
 )
@@ -371,7 +401,16 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse | Non
             raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
         return json_response(await _current(svc, stored, message))
     async with svc.relay.follow(response_id) as follower:
-        stored, message = await _stored(request, response_id)  # after subscribing
+        try:  # after subscribing: nothing can slip by
+            stored, message = await _stored(request, response_id)
+        except NotFound:
+            # A `store: false` response that ended: resumable while its replay log lives.
+            meta = await _remembered(svc, request.ctx.owner, response_id)
+            if meta is None or not await follower.has_log():
+                raise
+            response = await open_stream(request, {})
+            await relay_encoded(response, ResponseStream(meta, after=after), follower.events())
+            return None
         headers = {CONVERSATION_HEADER: str(stored.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():
             events: AsyncGenerator[Event | None, None] = _replay(message)
@@ -390,7 +429,7 @@ async def _replay(message: Message) -> AsyncGenerator[Event | None, None]:
 
 @bp.post("/v1/responses/<response_id:str>/cancel")
 @openapi.summary("Cancel a response (idempotent): the upstream request stops")
-@openapi.response(200, {"application/json": {"type": "object"}}, "The response, as it ended")
+@returns(200, ResponseObject, "The response, as it ended")
 @errors(404, 503)
 async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
     svc = services(request)
@@ -405,7 +444,7 @@ async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
 
 @bp.delete("/v1/responses/<response_id:str>")
 @openapi.summary("Delete a finished response (its turns stay in their conversation)")
-@openapi.response(200, {"application/json": {"type": "object"}}, "Deleted")
+@returns(200, ResponseDeleted, "Deleted")
 @errors(400, 404, 503)
 async def delete_response(request: Request, response_id: str) -> HTTPResponse:
     svc = services(request)
@@ -415,7 +454,9 @@ async def delete_response(request: Request, response_id: str) -> HTTPResponse:
             f"Response {response_id!r} is still running; cancel it first.", param="response_id"
         )
     await stored.delete()
-    await svc.redis.delete(keys.gen_log(response_id), keys.gen_fence(response_id))
+    await svc.redis.delete(
+        keys.gen_log(response_id), keys.gen_fence(response_id), keys.response_meta(response_id)
+    )
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -424,7 +465,7 @@ async def delete_response(request: Request, response_id: str) -> HTTPResponse:
 @openapi.parameter("limit", integer(minimum=1, maximum=MAX_LIST), "query")
 @openapi.parameter("order", str, "query")
 @openapi.parameter("after", str, "query")
-@openapi.response(200, {"application/json": {"type": "object"}}, "A list of input items")
+@returns(200, InputItemList, "The input items")
 @errors(400, 404)
 async def list_input_items(request: Request, response_id: str) -> HTTPResponse:
     stored, _ = await _stored(request, response_id)
