@@ -35,12 +35,15 @@ _KEEP_CODES = frozenset({"context_length_exceeded", "rate_limit_exceeded"})
 `server_error`, with HAIA's own code in the `error` event before it."""
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+"""One encoder for every frame: `json.dumps` with `separators` builds a new one per call,
+which cost more than the encoding of a text delta itself."""
+
+
 def frame(event: dict[str, Any]) -> bytes:
     """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
     kind: str = event["type"]
-    return (
-        "event: " + kind + "\ndata: " + json.dumps(event, separators=(",", ":")) + "\n\n"
-    ).encode()
+    return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
 def _usage(usage: dict[str, int] | None, reasoning_tokens: int) -> dict[str, Any] | None:
