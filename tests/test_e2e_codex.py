@@ -50,6 +50,7 @@ SECOND_THOUGHT = "The command printed the marker."
 ANSWER = f"The file out.txt says {MARKER}."
 FOLLOW_UP = "Thanks. Now say goodbye to the HAIA marker."
 GOODBYE = f"Goodbye, {MARKER}."
+CODEX_TIMEOUT = 120  # seconds for one `codex exec`
 _HOP = {"host", "content-length", "accept-encoding", "connection", "transfer-encoding"}
 
 
@@ -231,7 +232,12 @@ async def run_codex(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CODEX_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -279,6 +285,7 @@ def check_codex_request(exchange: Exchange) -> None:
     assert roles[0] == "developer" and roles[-1] == "user"
 
 
+@pytest.mark.timeout(600)  # a first run installs the CLI; then two `codex exec` runs
 @pytest.mark.parametrize("model", MODELS)
 async def test_codex_runs_a_shell_command_and_answers_through_haia(
     stack: Stack, codex: Path, marker_script: None, tmp_path: Path, model: str
