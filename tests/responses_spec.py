@@ -381,3 +381,38 @@ def _check_lifecycle(events: list[dict[str, Any]], from_start: bool) -> None:
     for index, event in enumerate(events):
         if event["type"] == "error" and events[index + 1]["type"] != "response.failed":
             raise SpecViolation("an error event not followed by response.failed")
+
+
+def _sdk_items() -> dict[str, list[type[BaseModel]]]:
+    """The members of the SDK's `ResponseItem` union by their `type` literal (a `message` is
+    an input or an output message)."""
+    found: dict[str, list[type[BaseModel]]] = {}
+    for model in get_args(get_args(sdk.ResponseItem)[0]):
+        for kind in get_args(model.model_fields["type"].annotation):
+            found.setdefault(kind, []).append(model)
+    return found
+
+
+SDK_ITEMS = _sdk_items()
+
+
+def check_input_items(data: dict[str, Any] | str) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/input_items`, checked against the SDK's `ResponseItemList` (the
+    spec defines no model of it), each item against the SDK's type of its kind."""
+    body: dict[str, Any] = json.loads(_text(data))
+    listing = {**body, "data": []}
+    _validate(_adapter(sdk.ResponseItemList), json.dumps(listing), "openai ResponseItemList")
+    for index, item in enumerate(body["data"]):
+        models = SDK_ITEMS.get(item.get("type"), [])
+        failures = []
+        for model in models:
+            try:
+                _validate(
+                    _adapter(model), json.dumps(item), f"data[{index}]: openai {model.__name__}"
+                )
+                break
+            except SpecViolation as exc:
+                failures.append(str(exc))
+        else:
+            raise SpecViolation("; ".join(failures) or f"data[{index}]: unknown item {item}")
+    return body

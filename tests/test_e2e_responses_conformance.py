@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.procs import Stack
-from tests.responses_spec import Stream, check_response, check_stream
+from tests.responses_spec import Stream, check_input_items, check_response, check_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -189,6 +189,33 @@ async def test_cancelled_response_is_valid(http: httpx.AsyncClient, model: str) 
     assert cancelled.status_code == 200, cancelled.text
     assert check_response(cancelled.text)["status"] == "cancelled"
     assert (await finished(http, queued["id"]))["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_chain_with_a_tool_call_and_its_items(http: httpx.AsyncClient, model: str) -> None:
+    tool = {"type": "function", "name": "search", "description": "Search", "parameters": SCHEMA}
+    first = await create(http, model=model, input="find it #fake call=1", tools=[tool])
+    [call] = [item for item in first["output"] if item["type"] == "function_call"]
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "found"}
+    second = await create(
+        http, model=model, previous_response_id=first["id"], input=[output], tools=[tool]
+    )
+    assert second["previous_response_id"] == first["id"]
+    assert output_text_of(second) == "Echo: find it [tool results: 1]"
+    for order in ("asc", "desc"):
+        listing = await http.get(f"/v1/responses/{second['id']}/input_items?order={order}")
+        assert listing.status_code == 200, listing.text
+        items = check_input_items(listing.text)["data"]
+        assert [item["type"] for item in items] == ["function_call_output"]
+
+
+def output_text_of(body: dict[str, Any]) -> str:
+    return "".join(
+        part["text"]
+        for item in body["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+    )
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.responses_spec import SpecViolation, check_event, check_response, check_stream
+from tests.responses_spec import (
+    SpecViolation,
+    check_event,
+    check_input_items,
+    check_response,
+    check_stream,
+)
 
 
 def response(
@@ -297,3 +303,12 @@ def test_a_stream_without_done_or_with_sse_ids_or_wrong_event_names_fails() -> N
         )
     with pytest.raises(SpecViolation, match="event:"):
         check_stream(sse(events).replace("event: response.in_progress", "event: response.created"))
+
+
+def test_input_item_lists_are_checked() -> None:
+    item = {"type": "message", "id": "msg_1", "role": "user", "status": "completed",
+            "content": [{"type": "input_text", "text": "hi"}]}  # fmt: skip
+    listing = {"object": "list", "data": [item], "first_id": "msg_1", "last_id": "msg_1"}
+    assert check_input_items({**listing, "has_more": False})["data"] == [item]
+    with pytest.raises(SpecViolation):
+        check_input_items(listing)  # has_more is required
