@@ -210,12 +210,14 @@ async def start_chain_turn(
     model: str,
     request_id: str,
     on_created: OnCreated | None = None,
+    own: bool = False,
 ) -> Turn:
     """A turn that continues the conversation of `after` (a stored response's assistant row),
     storing every message as new; or, without `after`, starts a conversation of its own.
 
     When `after` is no longer its conversation's last turn (a chain forked from an earlier
-    response), the conversation up to it is copied into a branch first.
+    response), or the turn must have a conversation of its `own` (it will be deleted with
+    it), the conversation up to `after` is copied into a branch first.
     """
     async with in_transaction():
         if after is None:
@@ -225,7 +227,7 @@ async def start_chain_turn(
                 id=after.conversation_id  # type: ignore[attr-defined]
             )
             later = await Message.filter(conversation=conversation, id__gt=after.id).exists()
-            if later:
+            if later or own:
                 conversation = await _fork(conversation, owner=owner, upto=after.id)
             await conversation.save(update_fields=["updated_at"])
         await _store_messages(conversation, messages, offset=0)

@@ -511,6 +511,25 @@ async def test_store_false_keeps_nothing_after_the_end(stack: Stack, sdk: AsyncO
     assert rows == []
 
 
+async def test_store_false_continuing_a_stored_chain_leaves_the_chain_alone(
+    stack: Stack, sdk: AsyncOpenAI
+) -> None:
+    first = await sdk.responses.create(model="ollama:fake-model", input="#fake tokens=2 kept")
+    assert first.conversation is not None
+    second = await sdk.responses.create(
+        model="ollama:fake-model",
+        input="#fake tokens=3 passing",
+        previous_response_id=first.id,
+        store=False,
+    )
+    assert second.output_text == expected(3)
+    sent = json.dumps((await stack.upstream_requests())[-1]["body"]["messages"])
+    assert "#fake tokens=2 kept" in sent  # the chain reached the model
+    rows = await dbcheck.messages(stack.database_url, first.conversation.id)
+    assert [r["role"] for r in rows] == ["user", "assistant"]
+    assert (await sdk.responses.retrieve(first.id)).output_text == expected(2)
+
+
 async def test_openwebui_connection_joins_one_conversation_per_chat(
     stack: Stack, sdk: AsyncOpenAI
 ) -> None:

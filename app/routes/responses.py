@@ -75,8 +75,8 @@ def _input_items(body: ResponsesRequest, response_id: str) -> list[dict[str, Any
                 if kind == "output_text":
                     part["annotations"] = []
                 item["content"] = [part]
-            item.setdefault("status", "completed")
         item["id"] = str(item.get("id") or f"in_{suffix}_{index}")
+        item.setdefault("status", "completed")
         items.append(item)
     return items
 
@@ -172,8 +172,6 @@ async def create_response(request: Request) -> HTTPResponse | None:
             store=body.store,
         )
 
-    if not body.store:
-        await _remember(svc, request.ctx.owner, meta)
     async with svc.relay.follow(response_id) as follower:
         if after is not None or not body.store:
             turn = await start_chain_turn(
@@ -184,6 +182,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
                 model=model,
                 request_id=request_id_var.get(),
                 on_created=record,
+                own=not body.store,  # deleted at its end: never the stored chain's
             )
         else:
             turn = await start_turn(
@@ -196,6 +195,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
                 request_id=request_id_var.get(),
                 on_created=record,
             )
+        if not body.store:
+            await _remember(svc, request.ctx.owner, meta)
         await _enqueue(svc, turn, "generate", options=options)
         headers = {CONVERSATION_HEADER: turn.conversation_id} if body.store else {}
         if body.stream:
