@@ -40,9 +40,42 @@ _JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 which cost more than the encoding of a text delta itself."""
 
 
+_TEXT_DELTA = (
+    'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    '"sequence_number":%d,"item_id":%s,"output_index":%d,"content_index":%d,"delta":%s,'
+    '"logprobs":[]}\n\n'
+)
+_TEXT_DELTA_KEYS = (
+    "type",
+    "sequence_number",
+    "item_id",
+    "output_index",
+    "content_index",
+    "delta",
+    "logprobs",
+)
+
+
 def frame(event: dict[str, Any]) -> bytes:
-    """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
+    """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence).
+    A text delta, the frame of nearly every token, is filled into its template: the same
+    bytes as the JSON encoder makes of it, in a fraction of the time."""
     kind: str = event["type"]
+    if (
+        kind == "response.output_text.delta"
+        and tuple(event) == _TEXT_DELTA_KEYS
+        and not event["logprobs"]
+    ):
+        return (
+            _TEXT_DELTA
+            % (
+                event["sequence_number"],
+                _JSON.encode(event["item_id"]),
+                event["output_index"],
+                event["content_index"],
+                _JSON.encode(event["delta"]),
+            )
+        ).encode()
     return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
