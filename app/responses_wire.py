@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from app.events import Event
@@ -40,42 +41,51 @@ _JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 which cost more than the encoding of a text delta itself."""
 
 
-_TEXT_DELTA = (
-    'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-    '"sequence_number":%d,"item_id":%s,"output_index":%d,"content_index":%d,"delta":%s,'
-    '"logprobs":[]}\n\n'
-)
-_TEXT_DELTA_KEYS = (
-    "type",
-    "sequence_number",
-    "item_id",
-    "output_index",
-    "content_index",
-    "delta",
-    "logprobs",
-)
+def _template(kind: str, *keys: str) -> tuple[tuple[str, ...], str]:
+    """The frame of a delta event whose fields are `keys`, in this order, with `%s` holes."""
+    fields = "".join(f',"{key}":%s' for key in keys)
+    return ("type", *keys), f'event: {kind}\ndata: {{"type":"{kind}"{fields}}}\n\n'
+
+
+_DELTAS = {
+    kind: _template(kind, "sequence_number", "item_id", "output_index", *rest)
+    for kind, rest in (
+        ("response.output_text.delta", ("content_index", "delta", "logprobs")),
+        ("response.reasoning_text.delta", ("content_index", "delta")),
+        ("response.reasoning_summary_text.delta", ("summary_index", "delta")),
+        ("response.function_call_arguments.delta", ("delta",)),
+    )
+}
+"""The events of nearly every token: filled into a template, the same bytes as the JSON
+encoder makes of them (`JSONEncoder.encode` builds a C encoder per call; a string alone goes
+straight to the C escaper)."""
+
+
+def _filled(event: dict[str, Any], keys: tuple[str, ...], template: str) -> bytes | None:
+    if tuple(event) != keys:
+        return None
+    values: list[Any] = []
+    for key in keys[1:]:
+        value = event[key]
+        if type(value) is int:
+            values.append(value)
+        elif type(value) is str:
+            values.append(encode_basestring_ascii(value))
+        elif value == []:
+            values.append("[]")
+        else:
+            return None
+    return (template % tuple(values)).encode()
 
 
 def frame(event: dict[str, Any]) -> bytes:
-    """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence).
-    A text delta, the frame of nearly every token, is filled into its template: the same
-    bytes as the JSON encoder makes of it, in a fraction of the time."""
+    """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
     kind: str = event["type"]
-    if (
-        kind == "response.output_text.delta"
-        and tuple(event) == _TEXT_DELTA_KEYS
-        and not event["logprobs"]
-    ):
-        return (
-            _TEXT_DELTA
-            % (
-                event["sequence_number"],
-                _JSON.encode(event["item_id"]),
-                event["output_index"],
-                event["content_index"],
-                _JSON.encode(event["delta"]),
-            )
-        ).encode()
+    fast = _DELTAS.get(kind)
+    if fast is not None:
+        filled = _filled(event, *fast)
+        if filled is not None:
+            return filled
     return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
