@@ -180,6 +180,12 @@ async def test_background_polled_retrieved_and_replayed(
         )
         tail = check_stream(resumed.text, starting_after=after)
         assert tail.events == replay.events[after + 1 :]
+    by_header = await http.get(
+        f"/v1/responses/{queued['id']}",
+        params={"stream": "true"},
+        headers={"Last-Event-ID": "3"},
+    )
+    assert check_stream(by_header.text, starting_after=3).events == replay.events[4:]
 
 
 @pytest.mark.parametrize("model", MODELS)
