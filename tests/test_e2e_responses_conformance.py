@@ -165,27 +165,54 @@ async def test_background_polled_retrieved_and_replayed(
     assert queued["status"] == "queued" and queued["background"] is True
     done = await finished(http, queued["id"])
     assert done["status"] == "completed" and done["completed_at"] is not None
-    # The wall clock moves on: a replay re-encodes the stored events, it must not restamp them
-    # (`completed_at` is when the response ended, in GET and in every replay alike).
-    await asyncio.sleep(1.1)
-    whole = await http.get(f"/v1/responses/{queued['id']}", params={"stream": "true"})
-    assert whole.status_code == 200, whole.text
-    replay = check_stream(whole.text)
-    assert replay.response == done
+    replay = await replayed(http, queued["id"])
+    assert unstamped(replay.response) == unstamped(done)
     assert replay.text() == expected(12)
     for after in (0, 3, len(replay.events) - 3):
-        resumed = await http.get(
-            f"/v1/responses/{queued['id']}",
-            params={"stream": "true", "starting_after": str(after)},
-        )
-        tail = check_stream(resumed.text, starting_after=after)
-        assert tail.events == replay.events[after + 1 :]
-    by_header = await http.get(
-        f"/v1/responses/{queued['id']}",
-        params={"stream": "true"},
-        headers={"Last-Event-ID": "3"},
-    )
-    assert check_stream(by_header.text, starting_after=3).events == replay.events[4:]
+        tail = await replayed(http, queued["id"], starting_after=after)
+        assert unstamped(tail.events) == unstamped(replay.events[after + 1 :])
+    by_header = await replayed(http, queued["id"], last_event_id=3)
+    assert unstamped(by_header.events) == unstamped(replay.events[4:])
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_a_replay_keeps_the_time_the_response_ended(
+    http: httpx.AsyncClient, model: str
+) -> None:
+    """`completed_at` is when the response ended, in GET and in every replay alike: a replay
+    re-encodes the stored events, it must not restamp them with its own clock."""
+    queued = await create(http, model=model, input="#fake tokens=3", background=True)
+    done = await finished(http, queued["id"])
+    await asyncio.sleep(1.1)  # the wall clock moves on past the second the response ended
+    assert (await replayed(http, queued["id"])).response == done
+    assert (await replayed(http, queued["id"], starting_after=2)).response == done
+
+
+async def replayed(
+    http: httpx.AsyncClient,
+    response_id: str,
+    *,
+    starting_after: int | None = None,
+    last_event_id: int | None = None,
+) -> Stream:
+    """`GET /v1/responses/{id}?stream=true`, from the start or resumed, strictly checked."""
+    params = {"stream": "true"}
+    if starting_after is not None:
+        params["starting_after"] = str(starting_after)
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    response = await http.get(f"/v1/responses/{response_id}", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    resumed = starting_after if starting_after is not None else last_event_id
+    return check_stream(response.text, starting_after=resumed)
+
+
+def unstamped(value: Any) -> Any:
+    """`value` without `completed_at` anywhere (see the test of it above)."""
+    if isinstance(value, dict):
+        return {k: unstamped(v) for k, v in value.items() if k != "completed_at"}
+    if isinstance(value, list):
+        return [unstamped(v) for v in value]
+    return value
 
 
 @pytest.mark.parametrize("model", MODELS)
