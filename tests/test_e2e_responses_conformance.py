@@ -114,28 +114,29 @@ async def test_failed_mid_stream(http: httpx.AsyncClient, model: str) -> None:
     assert got.text() == expected(2)
 
 
+NAMESPACED: list[dict[str, Any]] = [
+    {
+        "type": "namespace",
+        "name": "crm",
+        "description": "Customer records",
+        "tools": [
+            {"type": "function", "name": "lookup_customer", "parameters": SCHEMA},
+            {"type": "function", "name": "list_orders", "parameters": SCHEMA},
+        ],
+    },
+    {"type": "web_search", "external_web_access": False},
+    {"type": "function", "name": "plain", "description": "A plain one", "parameters": SCHEMA},
+]
+
+
 @pytest.mark.parametrize("model", MODELS)
-async def test_namespace_and_hosted_tools(http: httpx.AsyncClient, model: str) -> None:
-    tools = [
-        {
-            "type": "namespace",
-            "name": "crm",
-            "description": "Customer records",
-            "tools": [
-                {"type": "function", "name": "lookup_customer", "parameters": SCHEMA},
-                {"type": "function", "name": "list_orders", "parameters": SCHEMA},
-            ],
-        },
-        {"type": "web_search", "external_web_access": False},
-        {"type": "function", "name": "plain", "description": "A plain one", "parameters": SCHEMA},
-    ]
-    got = await stream(http, model=model, input="#fake call=1", tools=tools)
+async def test_namespace_calls_and_hosted_tools(http: httpx.AsyncClient, model: str) -> None:
+    got = await stream(http, model=model, input="#fake call=1", tools=NAMESPACED)
     [call] = [i for i in got.response["output"] if i["type"] == "function_call"]
     assert (call.get("namespace"), call["name"]) == ("crm", "lookup_customer")
     assert json.loads(call["arguments"]) == {"query": "tok 0", "n": 0}
-    names = [tool["name"] for tool in got.response["tools"]]
-    assert sorted(names) == ["list_orders", "lookup_customer", "plain"]  # flattened, no hosted
-    body = await create(http, model=model, input="#fake call=2", tools=tools)
+    assert len(got.response["tools"]) == 3  # the functions, flattened; not the hosted one
+    body = await create(http, model=model, input="#fake call=2", tools=NAMESPACED)
     assert [i["name"] for i in body["output"] if i["type"] == "function_call"] == [
         "lookup_customer",
         "list_orders",
@@ -143,16 +144,35 @@ async def test_namespace_and_hosted_tools(http: httpx.AsyncClient, model: str) -
 
 
 @pytest.mark.parametrize("model", MODELS)
-async def test_text_formats_are_echoed_validly(http: httpx.AsyncClient, model: str) -> None:
-    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
-    json_schema = {"type": "json_schema", "name": "t", "schema": schema, "strict": True}
-    body = await create(http, model=model, input="#fake tokens=2", text={"format": json_schema})
-    assert body["text"]["format"]["type"] == "json_schema"
-    assert body["text"]["format"]["schema"] == schema
+async def test_the_tools_echo_names_functions_as_declared(
+    http: httpx.AsyncClient, model: str
+) -> None:
+    """A namespace's function is `lookup_customer` (in `crm`) to the client, in its calls and in
+    the response's `tools` alike: the name the model saw upstream is HAIA's own business."""
+    body = await create(http, model=model, input="#fake tokens=1", tools=NAMESPACED)
+    names = sorted(tool["name"] for tool in body["tools"])
+    assert names == ["list_orders", "lookup_customer", "plain"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_json_object_format_is_echoed(http: httpx.AsyncClient, model: str) -> None:
     body = await create(
         http, model=model, input="#fake tokens=2", text={"format": {"type": "json_object"}}
     )
     assert body["text"]["format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_json_schema_format_is_echoed_as_the_spec_requires(
+    http: httpx.AsyncClient, model: str
+) -> None:
+    """The spec's `JsonSchemaResponseFormat` requires `description` (null allowed) and
+    `strict`, even when the request left them out."""
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+    json_schema = {"type": "json_schema", "name": "t", "schema": schema}
+    body = await create(http, model=model, input="#fake tokens=2", text={"format": json_schema})
+    assert body["text"]["format"]["type"] == "json_schema"
+    assert body["text"]["format"]["schema"] == schema
 
 
 @pytest.mark.parametrize("model", MODELS)
