@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from app.events import Event
@@ -36,56 +35,14 @@ _KEEP_CODES = frozenset({"context_length_exceeded", "rate_limit_exceeded"})
 `server_error`, with HAIA's own code in the `error` event before it."""
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-"""One encoder for every frame: `json.dumps` with `separators` builds a new one per call,
-which cost more than the encoding of a text delta itself."""
-
-
-def _template(kind: str, *keys: str) -> tuple[tuple[str, ...], str]:
-    """The frame of a delta event whose fields are `keys`, in this order, with `%s` holes."""
-    fields = "".join(f',"{key}":%s' for key in keys)
-    return ("type", *keys), f'event: {kind}\ndata: {{"type":"{kind}"{fields}}}\n\n'
-
-
-_DELTAS = {
-    kind: _template(kind, "sequence_number", "item_id", "output_index", *rest)
-    for kind, rest in (
-        ("response.output_text.delta", ("content_index", "delta", "logprobs")),
-        ("response.reasoning_text.delta", ("content_index", "delta")),
-        ("response.reasoning_summary_text.delta", ("summary_index", "delta")),
-        ("response.function_call_arguments.delta", ("delta",)),
-    )
-}
-"""The events of nearly every token: filled into a template, the same bytes as the JSON
-encoder makes of them (`JSONEncoder.encode` builds a C encoder per call; a string alone goes
-straight to the C escaper)."""
-
-
-def _filled(event: dict[str, Any], keys: tuple[str, ...], template: str) -> bytes | None:
-    if tuple(event) != keys:
-        return None
-    values: list[Any] = []
-    for key in keys[1:]:
-        value = event[key]
-        if type(value) is int:
-            values.append(value)
-        elif type(value) is str:
-            values.append(encode_basestring_ascii(value))
-        elif value == []:
-            values.append("[]")
-        else:
-            return None
-    return (template % tuple(values)).encode()
+_JSON = json.JSONEncoder(separators=(",", ":"))
+"""One encoder for every frame (`json.dumps` with arguments builds a new one per call)."""
+_TEXT_DELTA = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
 
 
 def frame(event: dict[str, Any]) -> bytes:
     """One SSE frame: `event: <type>` and the JSON; no `id:` line (resume by sequence)."""
     kind: str = event["type"]
-    fast = _DELTAS.get(kind)
-    if fast is not None:
-        filled = _filled(event, *fast)
-        if filled is not None:
-            return filled
     return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
@@ -214,6 +171,23 @@ class ResponseEncoder:
             self.status = "in_progress"
             return [self._event("response.in_progress", response=self.response())]
         return self._end(event)
+
+    def text_frame(self, text: str, after: int) -> bytes | None:
+        """The hot path: a content delta while a message item is open, rendered straight to
+        its frame (the same bytes `frame` makes of `feed`'s event); None when `feed` must
+        take it (it opens an item)."""
+        index = self._open
+        if index is None or self.output[index]["type"] != "message":
+            return None
+        self._texts[index].append(text)
+        self.seq += 1
+        if self.seq <= after:
+            return b""
+        return (
+            f'{_TEXT_DELTA}"sequence_number":{self.seq},"item_id":"{self.output[index]["id"]}",'
+            f'"output_index":{index},"content_index":0,"delta":{_JSON.encode(text)},'
+            '"logprobs":[]}\n\n'
+        ).encode()
 
     def _delta(self, kind: str, text: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -506,6 +480,10 @@ class ResponseStream:
         return self._frames(self.encoder.prelude()) if self._prelude else b""
 
     def encode(self, event: Event) -> bytes:
+        if event.text and event.type == "delta" and event.tool is None and not event.reasoning:
+            fast = self.encoder.text_frame(event.text, self._after)
+            if fast is not None:
+                return fast
         return self._frames(self.encoder.feed(event))
 
     def lost(self, detail: dict[str, Any]) -> bytes:

@@ -560,6 +560,29 @@ async def test_openwebui_connection_joins_one_conversation_per_chat(
     assert len(await dbcheck.messages(stack.database_url, first.conversation.id)) == 4
 
 
+PNG_URL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQ"
+    "GAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_image_parts_reach_the_model(stack: Stack, sdk: AsyncOpenAI, model: str) -> None:
+    response = await sdk.responses.create(
+        model=model,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this"},
+                    {"type": "input_image", "image_url": PNG_URL, "detail": "auto"},
+                ],
+            }
+        ],
+    )
+    assert response.output_text == "Echo: what is this [images: 1]"
+
+
 async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     with pytest.raises(BadRequestError) as caught:
         await sdk.responses.create(
@@ -582,8 +605,8 @@ async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     assert fine.status == "completed"
 
 
-async def test_owners_are_isolated(make_stack: StackFactory) -> None:
-    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret")
+async def test_owners_are_isolated_and_limits_apply(make_stack: StackFactory) -> None:
+    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret", HAIA_MAX_MESSAGES="3")
     stack.start_web()
     stack.start_worker()
     base = f"{stack.base_url}/v1"
@@ -606,6 +629,13 @@ async def test_owners_are_isolated(make_stack: StackFactory) -> None:
             )
         assert caught.value.code == "previous_response_not_found"
         assert (await one.responses.retrieve(mine.id)).output_text == expected(2)
+        # HAIA_MAX_MESSAGES counts input items.
+        with pytest.raises(BadRequestError) as caught:
+            await one.responses.create(
+                model="ollama:fake-model",
+                input=[{"role": "user", "content": f"m{i}"} for i in range(4)],
+            )
+        assert caught.value.param == "input"
 
 
 async def test_web_sigkill_during_a_background_stream_resumes_with_starting_after(

@@ -127,3 +127,11 @@ def test_endings() -> None:
     queued = encode(meta(background=True), [])
     assert [e["type"] for e in queued] == ["response.created", "response.queued"]
     assert queued[0]["response"]["status"] == "queued"
+
+
+def test_the_text_fast_path_sends_the_bytes_the_events_make() -> None:
+    data = meta()
+    generation = log(delta(text="a"), delta(text='"quoted" \u00e9'), delta(text="c"), end())
+    stream = ResponseStream(data)
+    got = stream.opening() + b"".join(stream.encode(e) for e in generation)
+    assert got == b"".join(frame(e) for e in encode(data, generation))
