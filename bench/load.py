@@ -9,10 +9,16 @@ the result; the web, worker and upstream logs stay in the temporary directory it
 
     uv run python bench/load.py [--levels 1,10,100,500,1000] [--tokens 40] [--rate 20]
                                 [--database-url postgres://…] [--redis-url redis://…/14]
+                                [--api chat,responses]
+
+`--api` picks what goes through HAIA: `chat` (`POST /v1/chat/completions`, the default),
+`responses` (`POST /v1/responses` with `stream: true`), or both: then each level streams both,
+one after the other on the same web and worker, and the table has a row for each next to direct.
 
 An answer is *whole* when it is HTTP 200, carries exactly the expected text, has no error chunk,
-and ends with `data: [DONE]` after a chunk with a `finish_reason` (with `--api responses`: the
-Responses API, streamed; after `response.completed`). Everything else is counted by
+and ends with `data: [DONE]` after a chunk with a `finish_reason` (on `/v1/responses`: after
+`response.completed`; `response.failed`, `response.incomplete` and `error` events count as
+error chunks). Everything else is counted by
 kind. The client is a bare HTTP/1.1 + SSE reader on uvloop (no HTTP library per chunk), so it
 costs little next to what it measures; its own CPU seconds are printed with the rest.
 """
@@ -36,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import redis
@@ -90,8 +96,9 @@ class Result:
         except ValueError:
             self.bad_chunk = True
             return
-        if isinstance(chunk, dict) and "type" in chunk:
-            self._on_response_event(chunk)
+        kind = chunk.get("type")
+        if kind is not None:
+            self.on_response_event(kind, chunk)
             return
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {}
@@ -106,19 +113,17 @@ class Result:
             if choice.get("finish_reason"):
                 self.finished = True
 
-    def _on_response_event(self, event: dict[str, object]) -> None:
-        """A Responses API event (`--api responses`)."""
-        kind = event["type"]
+    def on_response_event(self, kind: str, event: dict[str, Any]) -> None:
+        """One Responses API event."""
         if kind == "response.output_text.delta":
             if self.ttft is None:
                 self.ttft = time.perf_counter() - self.start
-            self.parts.append(str(event["delta"]))
+            self.parts.append(event["delta"])
         elif kind == "response.completed":
             self.finished = True
-        elif kind == "error":
-            self.error_code = str(event.get("code") or "unknown")
-        elif kind in ("response.failed", "response.incomplete"):
-            self.error_code = self.error_code or str(kind)
+        elif kind in ("response.failed", "response.incomplete", "error"):
+            error = event.get("error") or (event.get("response") or {}).get("error") or {}
+            self.error_code = str(error.get("code") or event.get("code") or kind)
 
     def on_error_body(self, body: bytes) -> None:
         try:
@@ -145,7 +150,7 @@ def outcome(result: Result, expected: str) -> str | None:
     if not result.done:
         return "cut (no [DONE])"
     if not result.done_after_finish:
-        return "[DONE] without finish chunk"
+        return "[DONE] without finish chunk (response.completed)"
     if result.text != expected:
         short = expected.startswith(result.text)
         return "truncated text, no error" if short else "wrong text, no error"
@@ -252,9 +257,12 @@ class SseClient(asyncio.Protocol):
             self.finished.set_result(None)
 
 
+APIS = {"chat": "HAIA", "responses": "HAIA responses"}  # --api value: the row's name
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where the streams go."""
+    """Where the streams go, and through which API."""
 
     name: str
     host: str
@@ -265,15 +273,12 @@ class Target:
     def request(self, prompt: str) -> bytes:
         if self.api == "responses":
             path = "/v1/responses"
-            data: dict[str, object] = {"model": self.model, "stream": True, "input": prompt}
+            payload = {"model": self.model, "stream": True, "input": prompt}
         else:
             path = "/v1/chat/completions"
-            data = {
-                "model": self.model,
-                "stream": True,
-                "messages": [{"role": "user", "content": prompt}],
-            }
-        body = json.dumps(data).encode()
+            messages = [{"role": "user", "content": prompt}]
+            payload = {"model": self.model, "stream": True, "messages": messages}
+        body = json.dumps(payload).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
@@ -442,6 +447,10 @@ class Bench:
     run_id: str = field(default_factory=lambda: f"{os.getpid()}-{time.time_ns() % 10**9}")
 
     @property
+    def apis(self) -> list[str]:
+        return [api.strip() for api in self.args.api.split(",") if api.strip()]
+
+    @property
     def prompt_suffix(self) -> str:
         return f"#fake tokens={self.args.tokens} rate={self.args.rate:g}"
 
@@ -550,17 +559,19 @@ def row(level: Level, direct: Level | None) -> list[str]:
     ]
 
 
-def print_tables(levels: Iterable[int], direct: dict[int, Level], haia: dict[int, Level]) -> None:
+def print_tables(
+    levels: Iterable[int], direct: dict[int, Level], haia: dict[str, dict[int, Level]]
+) -> None:
     for n in levels:
-        if n not in direct and n not in haia:
+        rows = [found[n] for found in (direct, *haia.values()) if n in found]
+        if not rows:
             continue
         print(f"\n### {n:,} concurrent stream{'s' if n > 1 else ''}\n")
         print("| " + " | ".join(COLUMNS) + " |")
         print("|" + "---|" * len(COLUMNS))
         base = direct.get(n)
-        for level in (base, haia.get(n)):
-            if level is not None:
-                print("| " + " | ".join(row(level, base)) + " |")
+        for level in rows:
+            print("| " + " | ".join(row(level, base)) + " |")
     sys.stdout.flush()
 
 
@@ -625,7 +636,10 @@ def run_direct(bench: Bench, port: int, levels: list[int], found: dict[int, Leve
         found[n] = bench.level(target, n)
 
 
-def run_haia(bench: Bench, stack: Stack, levels: list[int], found: dict[int, Level]) -> None:
+def run_haia(
+    bench: Bench, stack: Stack, levels: list[int], found: dict[str, dict[int, Level]]
+) -> None:
+    """Each level through each API of `--api`, one after the other, on one web and worker."""
     print("through HAIA:", file=sys.stderr, flush=True)
     stack.start_web()
     stack.start_worker()
@@ -633,12 +647,14 @@ def run_haia(bench: Bench, stack: Stack, levels: list[int], found: dict[int, Lev
     assert stack.worker is not None
     bench.pids.update(web=stack.web.process.pid, worker=stack.worker.process.pid)
     port = int(stack.base_url.rsplit(":", 1)[1])
-    target = Target("HAIA", "127.0.0.1", port, "ollama:fake-model", bench.args.api)
-    bench.warm_up(target)
+    targets = [Target(APIS[api], "127.0.0.1", port, "ollama:fake-model", api) for api in bench.apis]
+    for target in targets:
+        bench.warm_up(target)
     drain(bench.args.redis_url, DRAIN_TIMEOUT)
     for n in levels:
-        found[n] = bench.level(target, n)
-        found[n].undrained = drain(bench.args.redis_url, DRAIN_TIMEOUT)
+        for target in targets:
+            level = found.setdefault(target.name, {})[n] = bench.level(target, n)
+            level.undrained = drain(bench.args.redis_url, DRAIN_TIMEOUT)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -671,11 +687,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--api",
-        choices=("chat", "responses"),
         default="chat",
-        help="HAIA's wire: chat completions, or the Responses API (stream: true)",
+        help="through HAIA: chat, responses, or both (chat,responses), each level on each",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = {api.strip() for api in args.api.split(",")} - set(APIS)
+    if unknown:
+        parser.error(f"--api: unknown {', '.join(sorted(unknown))} (known: {', '.join(APIS)})")
+    return args
 
 
 def command_line() -> str:
@@ -700,8 +719,8 @@ def main() -> None:
     print(
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
         f"database {database_url.split(':')[0]}; {args.tokens} tokens at {args.rate:g} tokens/s "
-        f"per stream; HAIA through {args.api}; HAIA_WORKER_MAX_JOBS={args.max_jobs}; "
-        f"open files {nofile}; logs in {work}",
+        f"per stream; HAIA_WORKER_MAX_JOBS={args.max_jobs}; open files {nofile}; "
+        f"through HAIA: {args.api}; logs in {work}",
         flush=True,
     )
     fake, upstream_port = start_upstream(work)
@@ -715,7 +734,7 @@ def main() -> None:
         upstream,
     )
     direct: dict[int, Level] = {}
-    haia: dict[int, Level] = {}
+    haia: dict[str, dict[int, Level]] = {}
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             bench = Bench(args, runner, {"upstream": fake.process.pid})

@@ -10,6 +10,7 @@ Run it with `python -m tests.fake_upstream PORT [--models a,b] [--models-delay S
 - `GET /v1/models`: Anthropic's shape when the request carries `anthropic-version`, else OpenAI's.
 - `GET /_requests`: every chat and messages request received, in order, as
   `{"path", "body", "headers"}`; `DELETE /_requests` forgets them (and the `fail` counts).
+- `POST /_script`: adds a script rule (below); `DELETE /_script` drops them all.
 
 What it answers is steered by a directive in the last user message (for Anthropic, the last one
 that holds more than `tool_result` blocks), so tests drive it through HAIA like a real user would:
@@ -47,6 +48,19 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   server of an alias fails, the next answers.
 - `finish=length`: finish reason `length` (Anthropic `max_tokens`) instead of `stop`/`end_turn`.
 
+Script rules make it answer a request it cannot put a directive in (a fixed prompt of a
+compliance suite, a real client such as the Codex CLI) deterministically, keyed on its content:
+
+    {"match": "weather like", "calls": [{"name": "get_weather", "arguments": {"city": "SF"}}]}
+    {"match": "run the marker", "after": "marker-1", "think": "It ran.", "text": "Got marker-1"}
+
+A rule applies when `match` is in the last user text and, with `after`, when a tool result that
+follows it contains `after` (without `after`: when no tool result follows). The first rule that
+applies, in the order added, answers instead of the directive's plan (its timing and failure
+options still apply): `think` as reasoning, `text` as the content (both word by word), `calls`
+as tool calls with exactly these arguments, on either wire (OpenAI `tool_calls`, Anthropic
+`tool_use` blocks). A call of a tool the request does not declare is a 400, as for `call=`.
+
 Without `tokens=` it answers "Echo: <the user's text>" word by word; with image parts in that
 message (`image_url` parts / `image` blocks) "Echo: <text> [images: K]", and when tool results
 follow it "… [tool results: K]", so a test sees what reached the model. Usage counts every
@@ -61,7 +75,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +131,7 @@ class Turn:
     images: int = 0
     tool_results: int = 0
     tools: list[str] = field(default_factory=list)
+    tool_texts: list[str] = field(default_factory=list)
 
 
 def openai_turn(body: dict[str, Any]) -> Turn:
@@ -126,6 +141,7 @@ def openai_turn(body: dict[str, Any]) -> Turn:
     for message in reversed(body.get("messages") or []):
         if message.get("role") == "tool":
             turn.tool_results += 1
+            turn.tool_texts.append(" ".join(_texts(message.get("content"))))
         elif message.get("role") == "user":
             turn.text = " ".join(_texts(message.get("content")))
             turn.images = _count(message.get("content"), "image_url")
@@ -140,11 +156,27 @@ def anthropic_turn(body: dict[str, Any]) -> Turn:
             continue
         content = message.get("content")
         turn.tool_results += _count(content, "tool_result")
+        turn.tool_texts.extend(_tool_result_texts(content))
         if _count(content, "tool_result") < (len(content) if isinstance(content, list) else 1):
             turn.text = " ".join(_texts(content))
             turn.images = _count(content, "image")
             break
     return turn
+
+
+def _tool_result_texts(content: Any) -> list[str]:
+    if not isinstance(content, list):
+        return []
+    return [
+        " ".join(_texts(block.get("content")))
+        for block in content
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ") if text else []
+    return [word if i == 0 else f" {word}" for i, word in enumerate(words)]
 
 
 def reply_tokens(
@@ -159,8 +191,7 @@ def reply_tokens(
         answer += f" [images: {images}]"
     if tool_results:
         answer += f" [tool results: {tool_results}]"
-    words = answer.split(" ")
-    return [word if i == 0 else f" {word}" for i, word in enumerate(words)]
+    return _words(answer)
 
 
 def _pieces(text: str, count: int = 4) -> list[str]:
@@ -172,9 +203,12 @@ def _pieces(text: str, count: int = 4) -> list[str]:
 class Call:
     index: int
     name: str
+    given: str | None = None  # a script rule's arguments; else `call=`'s generated ones
 
     @property
     def arguments(self) -> str:
+        if self.given is not None:
+            return self.given
         return json.dumps({"query": f"tok {self.index}", "n": self.index})
 
     @property
@@ -215,8 +249,38 @@ class Plan:
             await asyncio.sleep(self.delay)
 
 
-def make_plan(turn: Turn, options: dict[str, str]) -> Plan | str:
+@dataclass
+class Rule:
+    """A script rule (see the module's docstring)."""
+
+    match: str
+    after: str | None = None
+    think: str = ""
+    text: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def applies(self, turn: Turn) -> bool:
+        if self.match not in turn.text:
+            return False
+        if self.after is None:
+            return turn.tool_results == 0
+        return any(self.after in text for text in turn.tool_texts)
+
+    def plan(self, turn: Turn, options: dict[str, str]) -> Plan | str:
+        calls = []
+        for index, call in enumerate(self.calls):
+            if call["name"] not in turn.tools:
+                return f"fake: the script calls {call['name']} but the request does not declare it"
+            calls.append(Call(index, call["name"], json.dumps(call.get("arguments") or {})))
+        finish = options.get("finish") or ("tool_calls" if calls else "stop")
+        return Plan(options, _words(self.think), calls, _words(self.text), finish)
+
+
+def make_plan(turn: Turn, options: dict[str, str], script: Sequence[Rule] = ()) -> Plan | str:
     """The answer to a turn, or why the request is invalid."""
+    for rule in script:
+        if rule.applies(turn):
+            return rule.plan(turn, options)
     wanted = int(options.get("call", 0)) if turn.tool_results == 0 else 0
     if wanted > len(turn.tools):
         return f"fake: call={wanted} but the request declares {len(turn.tools)} tools"
@@ -244,7 +308,10 @@ def create_app(model_ids: list[str] | None = None, models_delay: float = 0.0) ->
     app.ctx.failures = {}
     app.ctx.models = model_ids
     app.ctx.models_delay = models_delay
+    app.ctx.script = []
     app.add_route(models, "/v1/models", methods=["GET"])
+    app.add_route(add_rule, "/_script", methods=["POST"])
+    app.add_route(drop_rules, "/_script", methods=["DELETE"], name="drop_rules")
     app.add_route(recorded, "/_requests", methods=["GET"])
     app.add_route(forget, "/_requests", methods=["DELETE"], name="forget")
     app.add_route(chat, "/v1/chat/completions", methods=["POST"])
@@ -280,6 +347,20 @@ async def recorded(request: Request) -> HTTPResponse:
 async def forget(request: Request) -> HTTPResponse:
     request.app.ctx.requests.clear()
     request.app.ctx.failures.clear()
+    return json_response({})
+
+
+async def add_rule(request: Request) -> HTTPResponse:
+    try:
+        rule = Rule(**request.json)
+    except TypeError as exc:
+        return _openai_error(f"fake: bad rule: {exc}", "invalid_request_error", 400, {})
+    request.app.ctx.script.append(rule)
+    return json_response({"rules": len(request.app.ctx.script)})
+
+
+async def drop_rules(request: Request) -> HTTPResponse:
+    request.app.ctx.script.clear()
     return json_response({})
 
 
@@ -334,7 +415,7 @@ async def chat(request: Request) -> HTTPResponse | None:
         status = int(options["status"])
         kind = "overloaded_error" if status == 529 else "api_error"
         return _openai_error(_failure(status, request, options), kind, status, options)
-    plan = make_plan(turn, options)
+    plan = make_plan(turn, options, request.app.ctx.script)
     if isinstance(plan, str):
         return _openai_error(plan, "invalid_request_error", 400, {}, param="tools")
     await _before_answer(options)
@@ -365,7 +446,7 @@ async def messages(request: Request) -> HTTPResponse | None:
     missing = [name for name in ("model", "max_tokens", "messages") if name not in body]
     if missing:
         return _anthropic_error(f"{missing[0]}: Field required", "invalid_request_error", 400, {})
-    plan = make_plan(turn, options)
+    plan = make_plan(turn, options, request.app.ctx.script)
     if isinstance(plan, str):
         return _anthropic_error(plan, "invalid_request_error", 400, {})
     await _before_answer(options)

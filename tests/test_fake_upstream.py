@@ -481,3 +481,118 @@ async def test_both_wires_are_recorded(
     headers = recorded[1]["headers"]  # the key, as `x-api-key` or (newer SDKs) a Bearer token
     assert headers.get("x-api-key") == "x" or headers.get("authorization") == "Bearer x"
     assert "anthropic-version" in recorded[1]["headers"]
+
+
+# --- script rules ---------------------------------------------------------------------------
+
+WEATHER: dict[str, Any] = {
+    "type": "object",
+    "properties": {"location": {"type": "string"}},
+    "required": ["location"],
+}
+MARKER_RULES: list[dict[str, Any]] = [
+    {
+        "match": "script marker-77 please",
+        "think": "I will run it.",
+        "calls": [{"name": "run", "arguments": {"cmd": "echo marker-77"}}],
+    },
+    {
+        "match": "script marker-77 please",
+        "after": "marker-77",
+        "think": "It printed the marker.",
+        "text": "The output was marker-77",
+    },
+]
+
+
+@pytest.fixture
+async def script(fake_upstream: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=fake_upstream) as http:
+        for rule in MARKER_RULES:
+            assert (await http.post("/_script", json=rule)).status_code == 200
+        yield http
+        await http.delete("/_script")
+
+
+async def test_a_script_rule_calls_the_tool_then_answers_once_its_result_is_in_openai(
+    script: httpx.AsyncClient, oai: AsyncOpenAI
+) -> None:
+    tools: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "other", "parameters": SCHEMA}},
+        {"type": "function", "function": {"name": "run", "parameters": WEATHER}},
+    ]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be a coder"},
+        {"role": "user", "content": "script marker-77 please"},
+    ]
+    async with oai.chat.completions.stream(
+        model="fake-model", messages=messages, tools=tools
+    ) as stream:
+        first = await stream.get_final_completion()
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert (message.model_extra or {}).get("reasoning_content") == "I will run it."
+    [call] = message.tool_calls or []
+    assert call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "run",
+        {"cmd": "echo marker-77"},
+    )
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},  # type: ignore[list-item]
+        {"role": "tool", "tool_call_id": call.id, "content": "marker-77\n"},
+    ]
+    second = await oai.chat.completions.create(model="fake-model", messages=messages, tools=tools)
+    assert second.choices[0].message.content == "The output was marker-77"
+    assert (second.choices[0].message.model_extra or {}).get("reasoning_content") == (
+        "It printed the marker."
+    )
+    messages[-1]["content"] = "something else"
+    third = await oai.chat.completions.create(model="fake-model", messages=messages, tools=tools)
+    assert third.choices[0].message.content == "Echo: script marker-77 please [tool results: 1]"
+
+
+async def test_a_script_rule_calls_the_tool_then_answers_in_anthropic(
+    script: httpx.AsyncClient, claude: AsyncAnthropic
+) -> None:
+    tools: list[ToolParam] = [{"name": "run", "description": "run", "input_schema": WEATHER}]
+    history: list[MessageParam] = [{"role": "user", "content": "script marker-77 please"}]
+    async with claude.messages.stream(
+        model="claude-fake", max_tokens=100, messages=history, tools=tools
+    ) as stream:
+        first = await stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    thinking, call = first.content
+    assert thinking.type == "thinking" and thinking.thinking == "I will run it."
+    assert call.type == "tool_use" and (call.name, call.input) == ("run", {"cmd": "echo marker-77"})
+    assistant: Any = {"role": "assistant", "content": [b.model_dump() for b in first.content]}
+    history += [
+        assistant,
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "content": [{"type": "text", "text": "marker-77"}],
+                }
+            ],
+        },
+    ]
+    second = await claude.messages.create(
+        model="claude-fake", max_tokens=100, messages=history, tools=tools
+    )
+    assert [(b.type, getattr(b, "text", None)) for b in second.content] == [
+        ("thinking", None),
+        ("text", "The output was marker-77"),
+    ]
+
+
+async def test_a_script_call_of_an_undeclared_tool_is_a_400_and_bad_rules_are_refused(
+    script: httpx.AsyncClient, oai: AsyncOpenAI
+) -> None:
+    with pytest.raises(openai.BadRequestError, match="does not declare it"):
+        await oai.chat.completions.create(
+            model="fake-model", messages=user("script marker-77 please"), tools=OPENAI_TOOLS
+        )
+    assert (await script.post("/_script", json={"match": "x", "nope": 1})).status_code == 400
