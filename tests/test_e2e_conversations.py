@@ -327,3 +327,42 @@ async def test_owners_cannot_see_each_other(
     assert "key-one-secret" not in logs and "key-two-secret" not in logs
     rows = await dbcheck.query(stack.database_url, "SELECT owner FROM haia_conversation")
     assert all("secret" not in row["owner"] for row in rows)
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_timestamp",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+
+
+async def test_a_tool_round_trip_resent_re_serialized_stays_one_conversation(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI resends a tool call's arguments re-serialized (`{"query":"tok 0","n":0}` for
+    the model's `{"query": "tok 0", "n": 0}`): the same call, not an edited history."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-tool-chat", "X-OpenWebUI-User-Id": "u-tools"}
+    question = user("What time is it? #fake call=1")
+    body = {"model": "ollama:fake-model", "messages": [question], "tools": [TOOL]}
+    url = f"{stack.base_url}/v1/chat/completions"
+    first = await http.post(url, json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    conversation_id = first.headers["x-conversation-id"]
+    call = first.json()["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["arguments"] == '{"query": "tok 0", "n": 0}'
+    resent = {**call, "function": {**call["function"], "arguments": '{"query":"tok 0","n":0}'}}
+    messages = [
+        question,
+        {"role": "assistant", "content": "", "tool_calls": [resent]},
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"now": 1}'},
+    ]
+    second = await http.post(url, json={**body, "messages": messages}, headers=headers)
+    assert second.status_code == 200, second.text
+    assert second.headers["x-conversation-id"] == conversation_id
+    assert second.json()["choices"][0]["message"]["content"] == (
+        "Echo: What time is it? [tool results: 1]"
+    )
+    rows = await dbcheck.messages(stack.database_url, conversation_id)
+    assert [r["role"] for r in rows] == ["user", "assistant", "tool", "assistant"]
