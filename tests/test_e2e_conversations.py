@@ -197,6 +197,43 @@ async def test_title_task_racing_the_first_turn_lands_in_one_conversation(
     assert detail["title"] == "Homelab Chat"
 
 
+async def test_title_task_over_responses_names_the_chats_conversation(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI's Responses connection: the same title task as `input`, then the turn."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-responses-title"}
+    url = f"{stack.base_url}/v1/responses"
+
+    def item(text: str) -> Msg:
+        return {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        }
+
+    task = await http.post(
+        url,
+        json={
+            "model": "ollama:fake-model",
+            "input": [item(TITLE_TASK + "USER: hello")],
+            "max_output_tokens": 1000,
+            "stream": False,
+        },
+        headers=headers,
+    )
+    assert task.status_code == 200, task.text
+    assert task.json()["output"][0]["content"][0]["text"] == '{"title": "Homelab Chat"}'
+    conversation_id = task.headers["x-conversation-id"]
+    turn = await http.post(
+        url, json={"model": "ollama:fake-model", "input": [item("hello")]}, headers=headers
+    )
+    assert turn.status_code == 200, turn.text
+    assert turn.headers["x-conversation-id"] == conversation_id
+    assert await stored(stack, conversation_id) == [("user", "hello"), ("assistant", "Echo: hello")]
+    detail = (await http.get(f"{stack.base_url}/v1/conversations/{conversation_id}")).json()
+    assert detail["title"] == "Homelab Chat"
+
+
 async def test_task_model_routes_tasks(
     make_stack: Callable[..., Stack], http: httpx.AsyncClient
 ) -> None:
