@@ -114,14 +114,14 @@ class Answer:
     def items(self, kind: str) -> list[dict[str, Any]]:
         return [item for item in self.output if item.get("type") == kind]
 
-    def shown_reasoning(self) -> str:
-        """The reasoning OpenWebUI's UI shows: a reasoning item's summary when it has one,
-        else its content."""
+    def shown_reasoning(self) -> list[str]:
+        """The reasoning OpenWebUI's UI shows, per reasoning item: its summary when it has
+        one, else its content."""
         texts = []
         for item in self.items("reasoning"):
             parts = item.get("summary") or item.get("content") or []
             texts.append("".join(str(part.get("text") or "") for part in parts))
-        return "".join(texts)
+        return texts
 
 
 class OpenWebUI:
@@ -160,6 +160,7 @@ class OpenWebUI:
         chat_id: str | None = None,
         parent_id: str | None = None,
         images: Sequence[str] = (),
+        model: str = MODEL,
     ) -> Answer:
         """One turn as the UI sends it; waits until OpenWebUI has stored the whole answer."""
         user_id, assistant_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -170,7 +171,7 @@ class OpenWebUI:
             "role": "user",
             "content": text,
             "timestamp": int(time.time()),
-            "models": [MODEL],
+            "models": [model],
         }
         if images:
             user_message["files"] = [{"type": "image", "url": url} for url in images]
@@ -179,7 +180,7 @@ class OpenWebUI:
             tasks |= {"title_generation": True, "tags_generation": True}
         body: dict[str, Any] = {
             "stream": True,
-            "model": MODEL,
+            "model": model,
             "params": {},
             "tool_servers": [],
             "features": {
@@ -189,7 +190,7 @@ class OpenWebUI:
                 "web_search": False,
             },
             "variables": {},
-            "model_item": self.models[MODEL],
+            "model_item": self.models[model],
             "session_id": f"haia-test-{uuid.uuid4().hex[:12]}",
             "id": assistant_id,
             "parent_id": parent_id,
@@ -388,13 +389,15 @@ async def chat_requests(haia: Haia) -> list[dict[str, Any]]:
     out), without HAIA's own instructions (added on chat completions only)."""
     asked = []
     for request in await haia.stack.upstream_requests():
-        messages = request["body"].get("messages") or []
-        last = messages[-1] if messages else {}
-        content = last.get("content")
-        text = content if isinstance(content, str) else json.dumps(content)
-        if not text.lstrip().startswith("### Task:"):
-            dialogue = [m for m in messages if m.get("role") != "system"]
-            asked.append({**request["body"], "messages": dialogue})
+        body = request["body"]
+        messages = body.get("messages") or []
+        content = messages[-1].get("content") if messages else ""
+        if isinstance(content, list):  # parts, or Anthropic's blocks
+            content = " ".join(str(part.get("text") or "") for part in content)
+        if str(content).lstrip().startswith("### Task:"):
+            continue
+        dialogue = [m for m in messages if m.get("role") != "system"]
+        asked.append({**body, "messages": dialogue})
     return asked
 
 
@@ -459,7 +462,7 @@ async def test_reasoning_is_shown_and_the_chat_goes_on(
     first = await owui.send(question)
     assert first.error is None
     assert first.content == f"Echo: Think about it over {api}."
-    assert first.shown_reasoning() == "think0 think1 think2 "
+    assert first.shown_reasoning() == ["think0 think1 think2 "]
     second = await owui.send("Thanks.", chat_id=first.chat_id, parent_id=first.message_id)
     assert second.content == "Echo: Thanks."
 
@@ -518,3 +521,24 @@ async def test_an_upstream_failure_is_shown(api: str, owui: OpenWebUI, haia_side
     cut = await owui.send(f"Fail midway ({api}). #fake tokens=5 midfail=2")
     assert cut.content.strip() == "tok0 tok1"  # the partial answer is kept
     assert "fake mid-stream failure" in json.dumps(cut.error)
+
+
+@pytest.mark.parametrize("api", API_TYPES, indirect=True)
+async def test_anthropic_thinking_goes_back_signed_in_a_tool_round_trip(
+    api: str, owui: OpenWebUI, haia_side: Haia
+) -> None:
+    """OpenWebUI sends no reasoning back (over Responses it drops reasoning items), yet
+    Anthropic requires the signed thinking block before its tool_use in the follow-up: HAIA
+    sends the one it stored, which it finds only if the round trip stays in its conversation."""
+    question = f"Think, then check the time ({api}). #fake think=2 call=1"
+    answer = await owui.send(question, model="anthropic:claude-fake")
+    assert answer.error is None
+    assert answer.shown_reasoning() == ["think0 think1 "] * 2  # before the call, after it
+    assert [c["name"] for c in answer.items("function_call")] == ["get_current_timestamp"]
+    assert answer.content == f"Echo: Think, then check the time ({api}). [tool results: 1]"
+    follow_up = (await chat_requests(haia_side))[-1]["messages"]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+    blocks = follow_up[1]["content"]
+    assert [b["type"] for b in blocks] == ["thinking", "tool_use"]
+    assert blocks[0]["thinking"] == "think0 think1 "
+    assert blocks[0]["signature"] == "sig-fake-2"
