@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -15,24 +16,24 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-PROVIDERS = ("ollama", "anthropic", "openai-chat")
-MODEL_FORMS = "ollama:NAME, anthropic:NAME or openai-chat:NAME (e.g. ollama:llama3.2)"
+from app.upstreams import PREFIX, BuiltIns, Upstream, model_problem, parse_aliases, parse_upstreams
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
+UPSTREAM_VARIABLES = f"{PREFIX}*"
+"""The (pseudo) alias under which every `HAIA_UPSTREAM_…` variable reaches the settings."""
 
 _ORIGIN_RE = re.compile(r"^https?://[^\s/]+/?$")
-_MODEL_RE = re.compile(r"^(?P<provider>[a-z-]+):(?P<name>\S+)$")
-
-
-def check_model_id(value: str) -> str:
-    """Return `value` if it is a `provider:name` HAIA understands, else raise ValueError."""
-    match = _MODEL_RE.match(value.strip())
-    if match is None or match["provider"] not in PROVIDERS:
-        raise ValueError(f"{value!r} is not a model HAIA can use; accepted forms: {MODEL_FORMS}")
-    return value.strip()
 
 
 def _split_csv(value: object) -> object:
@@ -43,6 +44,17 @@ def _split_csv(value: object) -> object:
 
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name)
+
+
+class UpstreamVariables(PydanticBaseSettingsSource):
+    """Every `HAIA_UPSTREAM_<NAME>…` variable: their names are the user's, not fields'."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {name: value for name, value in os.environ.items() if name.startswith(PREFIX)}
+        return {UPSTREAM_VARIABLES: found} if found else {}
 
 
 class Settings(BaseSettings):
@@ -67,6 +79,10 @@ class Settings(BaseSettings):
     )
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(default=None, validation_alias=_env("OPENAI_BASE_URL"))
+    upstream_variables: dict[str, str] = Field(
+        default={}, validation_alias=_env(UPSTREAM_VARIABLES), repr=False
+    )
+    alias_list: Annotated[str, NoDecode] = Field(default="", validation_alias=_env("HAIA_ALIASES"))
 
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL, validation_alias=_env("HAIA_DATABASE_URL")
@@ -128,6 +144,23 @@ class Settings(BaseSettings):
         default=1000, ge=1, le=1_000_000, validation_alias=_env("HAIA_MAX_MESSAGES")
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            UpstreamVariables(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
     @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -137,13 +170,31 @@ class Settings(BaseSettings):
     @classmethod
     def _model(cls, value: object) -> object:
         if isinstance(value, str):
-            return check_model_id(value) if value.strip() else None
+            return value.strip() or None
         return value
 
-    @field_validator("models")
+    @field_validator("alias_list")
     @classmethod
-    def _models(cls, value: list[str]) -> list[str]:
-        return [check_model_id(item) for item in value]
+    def _aliases(cls, value: str) -> str:
+        parse_aliases(value)  # fails fast, naming HAIA_ALIASES
+        return value
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> Settings:
+        """Every configured model names an upstream that exists, or an alias."""
+        upstreams, aliases = self.upstreams, self.aliases
+        named = [("HAIA_MODEL", self.model), ("HAIA_TASK_MODEL", self.task_model)]
+        named += [("HAIA_MODELS", model) for model in self.models]
+        for alias, chain in aliases.items():
+            if alias in upstreams:
+                raise ValueError(f"HAIA_ALIASES: {alias!r} is the name of an upstream")
+            named += [("HAIA_ALIASES", model) for model in chain]
+        for variable, model_id in named:
+            allowed = {} if variable == "HAIA_ALIASES" else aliases  # an alias names models
+            problem = model_id and model_problem(model_id, upstreams, allowed)
+            if problem:
+                raise ValueError(f"{variable}: {problem}")
+        return self
 
     @field_validator("cors_origins")
     @classmethod
@@ -186,6 +237,23 @@ class Settings(BaseSettings):
         return value.upper() if info.field_name == "log_level" else value.lower()
 
     @cached_property
+    def upstreams(self) -> dict[str, Upstream]:
+        """Every upstream by name: `ollama`, `anthropic`, `openai-chat`, then HAIA_UPSTREAM_*."""
+        built_ins = BuiltIns(
+            ollama_base_url=self.ollama_base_url,
+            anthropic_base_url=self.anthropic_base_url,
+            anthropic_api_key=_secret(self.anthropic_api_key),
+            openai_base_url=self.openai_base_url,
+            openai_api_key=_secret(self.openai_api_key),
+        )
+        return parse_upstreams(self.upstream_variables, built_ins)
+
+    @cached_property
+    def aliases(self) -> dict[str, list[str]]:
+        """HAIA_ALIASES: each alias's models, in the order they are tried."""
+        return parse_aliases(self.alias_list)
+
+    @cached_property
     def configured_models(self) -> list[str]:
         """The models named by HAIA_MODEL and HAIA_MODELS, in order, without repeats."""
         ordered = [self.model, *self.models] if self.model else list(self.models)
@@ -200,12 +268,18 @@ class Settings(BaseSettings):
         return Path("data")
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 def load_settings() -> Settings:
     """Read the settings, or stop the process with one line naming the bad variable."""
     try:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = str(error["loc"][0]) if error["loc"] else "?"
+        where = str(error["loc"][0]) if error["loc"] else ""
         message = str(error["msg"]).removeprefix("Value error, ")
-        sys.exit(f"haia: invalid configuration: {where}: {message}")
+        if where and where != UPSTREAM_VARIABLES and not message.startswith(f"{where}:"):
+            message = f"{where}: {message}"
+        sys.exit(f"haia: invalid configuration: {message}")

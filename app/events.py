@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 EventType = Literal["start", "delta", "end"]
 
-_OPTIONAL = ("status", "finish_reason", "usage", "error", "http_status", "retry_after")
+_OPTIONAL = ("status", "model", "finish_reason", "usage", "error", "http_status", "retry_after")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +28,13 @@ class Event:
     tool: dict[str, Any] | None = None
     """A piece of a tool call: `index`, and `id`/`name` on its first piece, `arguments`."""
     status: str | None = None
+    model: str | None = None
+    """On `start`: the model about to answer (a fallback announces itself with another
+    `start` before its first delta); on `end`: the model that answered."""
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
+    """`prompt_tokens`, `completion_tokens`, `total_tokens`, and `completion_tokens_details`
+    (`reasoning_tokens`) when the upstream reported it."""
     error: dict[str, Any] | None = None
     http_status: int | None = None
     """For a failed `end`: the HTTP status a client that has not started reading gets."""
@@ -68,3 +73,8 @@ class Event:
 
 
 _FIELDS = frozenset(field.name for field in fields(Event))
+
+
+def answering_model(events: list[Event]) -> str | None:
+    """The model a log says answered: the `end`'s, else the last `start`'s."""
+    return next((event.model for event in reversed(events) if event.model), None)

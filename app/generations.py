@@ -30,11 +30,12 @@ from app.config import Settings
 from app.content import stored_identity
 from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
-from app.events import Event
+from app.events import Event, answering_model
 from app.inflight import Inflight
 from app.metrics import record_generation
 from app.publish import Fenced, Publisher, Ttls, append, claim, fence_of
 from app.schemas import Usage
+from app.slots import Slots
 from app.turns import digest
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,22 @@ class Ending:
     """The digest of the conversation before this turn, when the run already read it."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    """Of `completion_tokens`, the thinking, when the upstream reported it."""
     first_token_at: datetime | None = None
     error: HaiaError | None = None
     error_detail: dict[str, Any] | None = None
+    model: str | None = None
+    """The model that answered (stored on the row), when one did."""
 
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         usage = Usage.of(self.prompt_tokens, self.completion_tokens)
-        return usage.model_dump() if usage else None
+        if usage is None:
+            return None
+        data: dict[str, Any] = usage.model_dump()
+        if self.reasoning_tokens is not None:
+            data["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return data
 
     def detail(self) -> dict[str, Any] | None:
         return self.error.body()["error"] if self.error else self.error_detail
@@ -151,6 +161,7 @@ class Ending:
             seq=0,
             type="end",
             status=self.status.value,
+            model=self.model,
             finish_reason=self.finish_reason,
             usage=self.usage(),
             error=self.detail(),
@@ -172,6 +183,7 @@ class Ending:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             error_detail=end.error,
+            model=answering_model(events),
         )
 
 
@@ -235,7 +247,7 @@ async def end_run(publisher: Publisher, message: Message, ending: Ending) -> boo
     first = message.first_token_at or ending.first_token_at
     await record_generation(
         publisher.redis,
-        model=message.model or "unknown",
+        model=ending.model or message.model or "unknown",
         status=ending.status.value,
         ttft_seconds=(first - message.created_at).total_seconds() if first else None,
         prompt_tokens=ending.prompt_tokens,
@@ -326,7 +338,9 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
     row = Message.filter(id=message.id, status__in=list(ACTIVE))
     if token is not None:
         row = row.filter(attempt=token)
+    answered = {"model": ending.model} if ending.model else {}
     stored = await row.update(
+        **answered,
         content=ending.text,
         reasoning=ending.reasoning,
         reasoning_parts=ending.reasoning_parts,
@@ -394,6 +408,7 @@ async def end_as(
     ending.tool_calls = tool_calls_of(events)
     if ending.text or ending.reasoning or ending.tool_calls:
         ending.first_token_at = message.started_at
+        ending.model = answering_model(events)
     publisher = Publisher(redis, completion_id, run.token, ttls(settings))
     ended = await end_run(publisher, message, ending)
     await Inflight(redis).remove(completion_id)
@@ -434,6 +449,7 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
     in-flight entry is the claim, and the fence decides who ends.
     """
     inflight = Inflight(redis)
+    limited = [u.name for u in settings.upstreams.values() if u.max_concurrent]
     handled = []
     for completion_id, entry in (await inflight.entries()).items():
         worker = entry.get("worker")
@@ -442,6 +458,8 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
         if not await inflight.remove(completion_id):
             continue  # another process claimed it
         handled.append(completion_id)
+        if limited:
+            await Slots(redis).release(limited, completion_id)
         events = await logged_events(redis, completion_id)
         tries = int(await redis.get(keys.arq_retry(completion_id)) or 0)
         if any(e.type == "delta" for e in events) or tries >= max_tries:

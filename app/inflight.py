@@ -39,6 +39,29 @@ class Inflight:
         }
         await self._set(completion_id, entry)
 
+    async def waiting(
+        self,
+        completion_id: str,
+        *,
+        conversation: str,
+        model: str,
+        request_id: str,
+        worker: str,
+        upstream: str,
+    ) -> None:
+        """Taken by a worker, waiting in line for a slot on `upstream` (its
+        HAIA_UPSTREAM_<NAME>_MAX_CONCURRENT); the reaper reruns it if that worker dies."""
+        entry = {
+            "conversation": conversation,
+            "model": model,
+            "status": Status.QUEUED.value,
+            "queued_at": _now(),
+            "worker": worker,
+            "waiting_for": upstream,
+            "request_id": request_id,
+        }
+        await self._set(completion_id, entry)
+
     def running_entry(
         self, *, conversation: str, model: str, request_id: str, worker: str, attempt: int
     ) -> dict[str, Any]:

@@ -72,3 +72,19 @@ METRICS_TOKENS = f"{PREFIX}metrics:tokens"
 METRICS_TTFT = f"{PREFIX}metrics:ttft"
 """Hash: JSON `[model, bucket]` → generations whose first token came within that bucket (not
 cumulative; `+Inf` for the last), and `[model, "sum"]` / `[model, "count"]`."""
+
+
+def upstream_running(upstream: str) -> str:
+    """Hash: completion id → worker id of each generation holding a slot on `upstream` (only
+    upstreams with `HAIA_UPSTREAM_<NAME>_MAX_CONCURRENT`)."""
+    return f"{PREFIX}upstream:{upstream}:running"
+
+
+def upstream_waiting(upstream: str) -> str:
+    """Sorted set: completion ids waiting for a slot on `upstream`, scored by arrival (ms)."""
+    return f"{PREFIX}upstream:{upstream}:waiting"
+
+
+def upstream_waiters(upstream: str) -> str:
+    """Hash: completion id → worker id of each generation waiting for a slot on `upstream`."""
+    return f"{PREFIX}upstream:{upstream}:waiters"

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from app import keys
+from app.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,11 @@ class Snapshot:
     in_flight: int = 0
     queue_depth: int = 0
     workers: int = 0
+    upstreams: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(running, waiting) per upstream with HAIA_UPSTREAM_<NAME>_MAX_CONCURRENT."""
 
 
-async def read_snapshot(redis: Redis) -> Snapshot:
+async def read_snapshot(redis: Redis, *, limited: list[str] | None = None) -> Snapshot:
     """Read the counters and the live gauges (raises when Redis is away)."""
     pipe = redis.pipeline(transaction=False)
     for name in (keys.METRICS_HTTP, keys.METRICS_GENERATIONS, keys.METRICS_TOKENS):
@@ -125,6 +128,7 @@ async def read_snapshot(redis: Redis) -> Snapshot:
         in_flight=int(in_flight),
         queue_depth=max(len(job_ids) - int(running), 0),
         workers=len(await live_workers(redis)),
+        upstreams=await Slots(redis).counts(limited or []),
     )
 
 
@@ -170,6 +174,25 @@ class SnapshotCollector(Collector):
             "Workers alive (heartbeat within HAIA_WORKER_DEAD_AFTER).",
             value=snap.workers,
         )
+        yield from _upstream_gauges(snap.upstreams)
+
+
+def _upstream_gauges(counts: dict[str, tuple[int, int]]) -> Iterator[Metric]:
+    running = GaugeMetricFamily(
+        "haia_upstream_running",
+        "Generations holding a slot of an upstream with HAIA_UPSTREAM_<NAME>_MAX_CONCURRENT.",
+        labels=["upstream"],
+    )
+    waiting = GaugeMetricFamily(
+        "haia_upstream_waiting",
+        "Generations waiting in line for a slot of such an upstream.",
+        labels=["upstream"],
+    )
+    for upstream, (held, queued) in sorted(counts.items()):
+        running.add_metric([upstream], held)
+        waiting.add_metric([upstream], queued)
+    yield running
+    yield waiting
 
 
 def _counter(

@@ -194,8 +194,9 @@ class Publisher:
     fenced: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def start(self) -> None:
-        await self._send([Event(seq=0, type="start", status="in_progress")])
+    async def start(self, model: str | None = None) -> None:
+        """Announce the run (again before a fallback model answers), naming its model."""
+        await self._send([Event(seq=0, type="start", status="in_progress", model=model)])
 
     def delta(self, text: str) -> None:
         self.pending.append(Event(seq=0, type="delta", text=text))

@@ -46,11 +46,16 @@ def frame(event: dict[str, Any]) -> bytes:
     return ("event: " + kind + "\ndata: " + _JSON.encode(event) + "\n\n").encode()
 
 
-def _usage(usage: dict[str, int] | None, reasoning_tokens: int) -> dict[str, Any] | None:
+def _usage(usage: dict[str, Any] | None, reasoning_deltas: int) -> dict[str, Any] | None:
+    """Responses usage from the `end` event's; reasoning tokens as the upstream reported them,
+    else counted from the streamed reasoning deltas."""
     if usage is None:
         return None
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
+    details = usage.get("completion_tokens_details")
+    reported = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    reasoning_tokens = reported if isinstance(reported, int) else reasoning_deltas
     return {
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
@@ -82,6 +87,9 @@ class ResponseEncoder:
         self.error: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
         self.ended = False
+        self._started = False
+        self.model: str = str(meta["model"])
+        """The model answering: the request's, until a `start` or the `end` names another."""
 
     # -- the response object ---------------------------------------------------------------
 
@@ -100,7 +108,7 @@ class ResponseEncoder:
             "instructions": meta.get("instructions"),
             "max_output_tokens": meta.get("max_output_tokens"),
             "max_tool_calls": meta.get("max_tool_calls"),
-            "model": meta["model"],
+            "model": self.model,
             "output": [self._final(index) for index in range(len(self.output))],
             "parallel_tool_calls": meta.get("parallel_tool_calls", True),
             "previous_response_id": meta.get("previous_response_id"),
@@ -168,6 +176,10 @@ class ResponseEncoder:
                 return self._delta("message", event.text)
             return []
         if event.type == "start":
+            self.model = event.model or self.model
+            if self._started:  # a fallback model announcing itself
+                return []
+            self._started = True
             self.status = "in_progress"
             return [self._event("response.in_progress", response=self.response())]
         return self._end(event)
@@ -425,6 +437,7 @@ class ResponseEncoder:
 
     def _end(self, event: Event) -> list[dict[str, Any]]:
         self.ended = True
+        self.model = event.model or self.model
         if self._completed_at is None:
             self._completed_at = int(time.time())
         self.usage = _usage(event.usage, self._reasoning_deltas)

@@ -127,6 +127,23 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
     app.after_server_stop(close_resources)
 
 
+def setup_discovery(app: App) -> None:
+    """Ask the upstreams for their models in the background (`app.catalog`)."""
+
+    async def discover(app: App) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.ctx.services.catalog.run_forever()
+
+    async def start(app: App) -> None:
+        app.add_task(discover(app), name="haia-discovery")
+
+    async def stop(app: App) -> None:
+        await app.cancel_task("haia-discovery", raise_exception=False)
+
+    app.after_server_start(start)
+    app.before_server_stop(stop)
+
+
 def setup_errors(app: App) -> None:
     async def render(request: Request, exc: Exception) -> HTTPResponse:
         if isinstance(exc, _STORE_DOWN):
@@ -249,6 +266,7 @@ def create_app(settings: Settings, *, redis_url: str, name: str = "haia") -> App
     setup_cors(app, settings)
     setup_errors(app)
     setup_resources(app, settings, redis_url)
+    setup_discovery(app)
     app.blueprint(
         [
             chat.bp,

@@ -16,10 +16,20 @@ class ChunkWriter:
         # Content chunks are the same bytes whoever reads them (the first client or a resume);
         # the usage chunk, when asked for, comes last with `choices: []`.
         self._include_usage = include_usage
+        self._id, self._created = completion_id, created
         self._head = (
             f'{{"id":{json.dumps(completion_id)},"object":"chat.completion.chunk",'
             f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null,'
             f'"choices":'
+        )
+
+    def for_model(self, model: str) -> ChunkWriter:
+        """The same writer naming another model (a fallback that answers instead)."""
+        return ChunkWriter(
+            completion_id=self._id,
+            created=self._created,
+            model=model,
+            include_usage=self._include_usage,
         )
 
     def _frame(self, choices: str, seq: int | None) -> bytes:

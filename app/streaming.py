@@ -42,12 +42,16 @@ def failure(event: Event) -> HaiaError:
     )
 
 
-async def first_event(events: AsyncGenerator[Event | None, None]) -> Event | None:
-    """The first delta or end event, or None once a keep-alive interval passes in silence."""
+async def first_event(
+    events: AsyncGenerator[Event | None, None], model: str
+) -> tuple[Event | None, str]:
+    """The first delta or end event (None once a keep-alive interval passes in silence), and
+    the model the `start` events before it announced (else `model`)."""
     async for event in events:
         if event is None or event.type != "start":
-            return event
-    return None
+            return event, (event.model if event and event.model else model)
+        model = event.model or model
+    return None, model
 
 
 async def open_stream(request: Request, headers: dict[str, str]) -> HTTPResponse:
@@ -66,7 +70,7 @@ class Encoder(Protocol):
         ...
 
     def encode(self, event: Event) -> bytes:
-        """The frames one delta or `end` event makes (may be empty)."""
+        """The frames one event makes (may be empty)."""
         ...
 
     def lost(self, detail: dict[str, Any]) -> bytes:
@@ -75,29 +79,42 @@ class Encoder(Protocol):
 
 
 class ChatEncoder:
-    """`chat.completion.chunk` frames, each with `id: <seq>`."""
+    """`chat.completion.chunk` frames, each with `id: <seq>`.
+
+    The role chunk goes out with the first delta or end (pings may come before it): until
+    then a fallback model may still announce itself, and every chunk names the one that
+    answers.
+    """
 
     def __init__(self, target: StreamTarget, *, send_role: bool = True) -> None:
         self._writer = target.writer()
-        self._send_role = send_role
+        self._role_pending = send_role
 
     def opening(self) -> bytes:
-        return self._writer.role() if self._send_role else b""
+        return b""
 
     def encode(self, event: Event) -> bytes:
+        if event.type == "start":
+            if event.model and self._role_pending:
+                self._writer = self._writer.for_model(event.model)
+            return b""
         writer = self._writer
+        role = b""
+        if self._role_pending:
+            self._role_pending = False
+            role = writer.role()
         if event.type == "delta":
             if event.tool is not None:
-                return writer.tool(event.tool, event.seq)
+                return role + writer.tool(event.tool, event.seq)
             if event.reasoning:
-                return writer.reasoning(event.reasoning, event.seq)
-            return writer.content(event.text, event.seq)
-        if not event.is_terminal:
-            return b""
+                return role + writer.reasoning(event.reasoning, event.seq)
+            return role + writer.content(event.text, event.seq)
         if event.status == Status.FAILED or event.status == Status.INTERRUPTED:
-            return writer.error(event.error or {}, event.seq)
-        return writer.finish(event.finish_reason or "stop", event.seq) + writer.usage(
-            event.usage, event.seq
+            return role + writer.error(event.error or {}, event.seq)
+        return (
+            role
+            + writer.finish(event.finish_reason or "stop", event.seq)
+            + writer.usage(event.usage, event.seq)
         )
 
     def lost(self, detail: dict[str, Any]) -> bytes:

@@ -1,6 +1,8 @@
 """A fake LLM server speaking the OpenAI Chat Completions wire and the Anthropic Messages wire.
 
-Run it with `python -m tests.fake_upstream PORT`. It serves:
+Run it with `python -m tests.fake_upstream PORT [--models a,b] [--models-delay S]`
+(`--models`: the model ids `GET /v1/models` lists, `fake-model` / `claude-fake` by default;
+`--models-delay`: seconds before that list is answered, a slow server). It serves:
 
 - `POST /v1/chat/completions`: OpenAI Chat Completions, as Ollama's `/v1`, vLLM and OpenAI speak.
 - `POST /v1/messages`: Anthropic Messages, as the `anthropic` SDK (and pydantic-ai's
@@ -38,6 +40,9 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   tool results follow the user's message, the model does not call again: it answers.
 - `overflow` (OpenAI wire): a 400 `context_length_exceeded`, as a server whose context window
   the conversation outgrew answers.
+- `only=MODEL`: every other directive applies only to requests for that model (as named in
+  the request's `model`); requests for other models get the plain echo. For fallbacks: one
+  server of an alias fails, the next answers.
 - `finish=length`: finish reason `length` (Anthropic `max_tokens`) instead of `stop`/`end_turn`.
 
 Without `tokens=` it answers "Echo: <the user's text>" word by word; with image parts in that
@@ -49,10 +54,10 @@ only with `stream_options.include_usage`. `/v1/messages` without `max_tokens` is
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,7 +66,7 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
-_DIRECTIVE = re.compile(r"#fake((?:\s+\w+(?:=[\w.]+)?)*)")
+_DIRECTIVE = re.compile(r"#fake((?:\s+\w+(?:=[\w.:-]+)?)*)")
 
 ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -231,10 +236,12 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     )
 
 
-def create_app() -> Sanic[Any, Any]:
+def create_app(model_ids: list[str] | None = None, models_delay: float = 0.0) -> Sanic[Any, Any]:
     app = Sanic("fake_upstream")
     app.ctx.requests = []
     app.ctx.failures = {}
+    app.ctx.models = model_ids
+    app.ctx.models_delay = models_delay
     app.add_route(models, "/v1/models", methods=["GET"])
     app.add_route(recorded, "/_requests", methods=["GET"])
     app.add_route(forget, "/_requests", methods=["DELETE"], name="forget")
@@ -244,16 +251,23 @@ def create_app() -> Sanic[Any, Any]:
 
 
 async def models(request: Request) -> HTTPResponse:
+    await asyncio.sleep(request.app.ctx.models_delay)
+    listed: list[str] | None = request.app.ctx.models
     if "anthropic-version" not in request.headers:
-        return json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
-    model = {
-        "type": "model",
-        "id": "claude-fake",
-        "display_name": "Claude Fake",
-        "created_at": "2025-01-01T00:00:00Z",
-    }
+        data = [{"id": name, "object": "model"} for name in listed or ["fake-model"]]
+        return json_response({"object": "list", "data": data})
+    names = listed or ["claude-fake"]
+    cards = [
+        {
+            "type": "model",
+            "id": name,
+            "display_name": name.replace("-", " ").title(),
+            "created_at": "2025-01-01T00:00:00Z",
+        }
+        for name in names
+    ]
     return json_response(
-        {"data": [model], "has_more": False, "first_id": "claude-fake", "last_id": "claude-fake"}
+        {"data": cards, "has_more": False, "first_id": names[0], "last_id": names[-1]}
     )
 
 
@@ -273,6 +287,8 @@ def received(request: Request, turn: Turn, wire: str) -> dict[str, str]:
         {"path": request.path, "body": request.json, "headers": dict(request.headers)}
     )
     options = directives(turn.text)
+    if "only" in options and options["only"] != str((request.json or {}).get("model")):
+        options = {}
     failures = request.app.ctx.failures
     key = turn.text if wire == "openai" else f"{wire}:{turn.text}"
     failures[key] = failures.get(key, 0) + 1
@@ -577,11 +593,22 @@ async def _anthropic_stream(request: Request, body: dict[str, Any], plan: Plan, 
     await sse.end()
 
 
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.fake_upstream")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--models", default="", help="model ids /v1/models lists, comma-separated")
+    parser.add_argument("--models-delay", type=float, default=0.0, help="seconds before the list")
+    return parser.parse_args()
+
+
 if __name__ == "__main__":
-    fake = create_app()
+    arguments = _arguments()
+    fake = create_app(
+        [name for name in arguments.models.split(",") if name] or None, arguments.models_delay
+    )
     fake.run(
         host="127.0.0.1",
-        port=int(sys.argv[1]),
+        port=arguments.port,
         single_process=True,
         access_log=False,
         motd=False,

@@ -1,4 +1,4 @@
-"""Start-up defaults: models discovered from Ollama, or a clear 503 when there is none."""
+"""Start-up defaults: models discovered from the upstreams, or a clear 503 when there is none."""
 
 from __future__ import annotations
 
@@ -52,9 +52,13 @@ def without_upstream(log_dir: Path, tmp_path: Path) -> Iterator[Stack]:
 
 
 @pytest.mark.timeout(40)
-def test_models_are_discovered_from_ollama(discovering: Stack) -> None:
+def test_models_are_discovered_from_every_upstream(discovering: Stack) -> None:
     models = httpx.get(f"{discovering.base_url}/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["ollama:fake-model"]
+    assert [m["id"] for m in models["data"]] == [
+        "ollama:fake-model",  # the first is the default
+        "anthropic:claude-fake",  # Anthropic's models API
+        "openai-chat:fake-model",
+    ]
     for content in ("no model named", "again"):  # the first request and a later one
         response = httpx.post(
             f"{discovering.base_url}/v1/chat/completions",

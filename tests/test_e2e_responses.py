@@ -13,10 +13,12 @@ from typing import Any, cast
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from openai import APIStatusError, AsyncOpenAI, BadRequestError, NotFoundError
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from app import keys
 from tests import dbcheck
 from tests.procs import Stack
 from tests.sse import Frame, frames
@@ -274,9 +276,14 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     followup = await sdk.responses.create(
         model="ollama:fake-model",
         store=False,
-        tools=[crm],
+        stream=False,
+        tools=[crm, {"type": "web_search", "external_web_access": False}],
+        tool_choice="auto",
+        parallel_tool_calls=False,
         include=["reasoning.encrypted_content"],
-        reasoning={"summary": "auto"},
+        reasoning={"effort": "medium", "summary": "auto"},
+        prompt_cache_key="3f2c0e0e-codex-session",
+        text={"verbosity": "low"},
         input=cast(
             Any,
             [
@@ -310,6 +317,9 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
     assert sent["messages"][2]["tool_calls"][0]["function"]["name"] == "crm__lookup_customer"
     assert sent["messages"][3] == {"role": "tool", "tool_call_id": call.call_id, "content": "Ada"}
+    assert [t["function"]["name"] for t in sent["tools"]] == ["crm__lookup_customer"]
+    assert sent["parallel_tool_calls"] is False and sent["reasoning_effort"] == "medium"
+    assert followup.prompt_cache_key == "3f2c0e0e-codex-session"
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -470,7 +480,11 @@ async def test_cancel_delete_and_input_items(stack: Stack, sdk: AsyncOpenAI) -> 
     cancelled = await sdk.responses.cancel(response.id)
     assert cancelled.status == "cancelled"
     assert (await sdk.responses.cancel(response.id)).status == "cancelled"  # idempotent
-    assert (await sdk.responses.retrieve(response.id)).status == "cancelled"
+    later = await sdk.responses.retrieve(response.id)
+    assert later.status == "cancelled"
+    # The generation stopped: what it said is a part of the answer, and it says no more.
+    assert expected(400).startswith(later.output_text) and later.output_text != expected(400)
+    assert later.output_text == cancelled.output_text
 
     items = await sdk.responses.input_items.list(response.id)
     texts = [cast(Any, item).content[0].text for item in items.data]
@@ -560,6 +574,29 @@ async def test_openwebui_connection_joins_one_conversation_per_chat(
     assert len(await dbcheck.messages(stack.database_url, first.conversation.id)) == 4
 
 
+PNG_URL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQ"
+    "GAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_image_parts_reach_the_model(stack: Stack, sdk: AsyncOpenAI, model: str) -> None:
+    response = await sdk.responses.create(
+        model=model,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what is this"},
+                    {"type": "input_image", "image_url": PNG_URL, "detail": "auto"},
+                ],
+            }
+        ],
+    )
+    assert response.output_text == "Echo: what is this [images: 1]"
+
+
 async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     with pytest.raises(BadRequestError) as caught:
         await sdk.responses.create(
@@ -582,8 +619,12 @@ async def test_limits_and_bad_input(stack: Stack, sdk: AsyncOpenAI) -> None:
     assert fine.status == "completed"
 
 
-async def test_owners_are_isolated(make_stack: StackFactory) -> None:
-    stack = make_stack(HAIA_API_KEYS="key-one-secret,key-two-secret")
+async def test_owners_are_isolated_and_limits_apply(make_stack: StackFactory) -> None:
+    stack = make_stack(
+        HAIA_API_KEYS="key-one-secret,key-two-secret",
+        HAIA_MAX_MESSAGES="3",
+        HAIA_REPLAY_TTL="1",
+    )
     stack.start_web()
     stack.start_worker()
     base = f"{stack.base_url}/v1"
@@ -605,7 +646,25 @@ async def test_owners_are_isolated(make_stack: StackFactory) -> None:
                 model="ollama:fake-model", input="x", previous_response_id=mine.id
             )
         assert caught.value.code == "previous_response_not_found"
-        assert (await one.responses.retrieve(mine.id)).output_text == expected(2)
+        # Once its replay log expired, a response is encoded from what was stored: the same.
+        store = aioredis.Redis.from_url(stack.env["HAIA_REDIS_URL"])
+        while await store.exists(keys.gen_log(mine.id)):  # bounded by the test timeout
+            await asyncio.sleep(0.2)
+        await store.aclose()
+        again = await one.responses.retrieve(mine.id)
+        assert again.output_text == expected(2) and again.status == "completed"
+        assert [item.id for item in again.output] == [item.id for item in mine.output]
+        replay = await one.responses.retrieve(mine.id, stream=True)
+        events = [dumped(event) async for event in replay]
+        assert_order(events)
+        assert text_of(events) == expected(2)
+        # HAIA_MAX_MESSAGES counts input items.
+        with pytest.raises(BadRequestError) as caught:
+            await one.responses.create(
+                model="ollama:fake-model",
+                input=[{"role": "user", "content": f"m{i}"} for i in range(4)],
+            )
+        assert caught.value.param == "input"
 
 
 async def test_web_sigkill_during_a_background_stream_resumes_with_starting_after(

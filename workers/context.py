@@ -25,19 +25,19 @@ class Context:
 
     rows: list[Message]
     blobs: dict[str, Blob]
-    provider: str
     instructions: str | None = HOMELAB_ASSISTANT_PROMPT
     """What the last request carries as instructions: HAIA's homelab prompt for a chat
     completion; the request's own `instructions` (or nothing) for a Responses API turn."""
     whole: bool = False
     """A Responses API turn: the rows in their order, the instructions first."""
 
-    def model_messages(self) -> list[Any]:
-        """As pydantic-ai messages, the last request carrying the instructions."""
+    def model_messages(self, kind: str) -> list[Any]:
+        """As pydantic-ai messages for an upstream of `kind`, the last request carrying the
+        instructions."""
         from workers.pydantic_model import model_messages  # only for pydantic-ai models
 
         return model_messages(
-            self.rows, blobs=self.blobs, provider=self.provider, instructions=self.instructions
+            self.rows, blobs=self.blobs, provider=kind, instructions=self.instructions
         )
 
     def openai_messages(self) -> list[dict[str, Any]]:
@@ -73,9 +73,8 @@ async def load_context(
             & ((Q(content="") & Q(tool_calls__isnull=True)) | Q(status=Status.FAILED))
         )
     )
-    provider = (assistant.model or "").partition(":")[0]
     if responses is not None:
-        return await _whole(before, assistant, provider, responses)
+        return await _whole(before, assistant, responses)
     system = await before.filter(role="system").order_by("id")
     rows = await before.filter(role__not="system").order_by("-id").limit(limit + 1)
     rows.reverse()
@@ -84,11 +83,11 @@ async def load_context(
     if not rows or rows[-1].role not in ("user", "tool"):
         raise LookupError(f"no user turn precedes {assistant.completion_id}")
     blobs = await _blobs([*system, *rows])
-    return Context(rows=[*system, *rows], blobs=blobs, provider=provider)
+    return Context(rows=[*system, *rows], blobs=blobs)
 
 
 async def _whole(
-    before: QuerySet[Message], assistant: Message, provider: str, responses: dict[str, Any]
+    before: QuerySet[Message], assistant: Message, responses: dict[str, Any]
 ) -> Context:
     """A Responses API turn: the whole chain in order (`truncation: disabled`), with the
     request's instructions and never HAIA's homelab prompt."""
@@ -98,7 +97,6 @@ async def _whole(
     return Context(
         rows=rows,
         blobs=await _blobs(rows),
-        provider=provider,
         instructions=responses.get("instructions") or None,
         whole=True,
     )

@@ -1,9 +1,9 @@
 """The arq job: one model request for one assistant turn, every delta published, the end stored.
 
-A gateway makes one model request per turn and runs no agent loop. OpenAI-compatible upstreams
-are spoken to directly (`workers.openai_wire`); others through pydantic-ai's direct streaming
-API (`workers.pydantic_model`, imported on first use). The per-token path is the wire's SSE
-parsing, one list append and one buffered publish.
+A gateway makes one model request per turn and runs no agent loop; the request itself, with
+an alias's fallbacks and the retries, is `workers.model_call.stream_model`. Before the run
+takes the generation, it waits (still `queued`) for a slot of its upstream when that upstream
+is limited (`workers.lease`).
 """
 
 from __future__ import annotations
@@ -13,35 +13,24 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from app import keys
 from app.db.models import FINISHED, Message, Status
-from app.errors import HaiaError, InvalidRequest, RateLimited, UpstreamTimeout
+from app.errors import HaiaError, InvalidRequest, UpstreamTimeout
 from app.events import Event
-from app.generations import (
-    Ending,
-    add_tool_piece,
-    assembled,
-    end_as,
-    end_run,
-    take_fence,
-    ttls,
-)
+from app.generations import Ending, end_as, end_run, take_fence, ttls
 from app.inflight import Inflight
-from app.llm import (
-    openai_endpoint,
-    split_model_id,
-)
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher
+from app.upstreams import Upstream, model_chain
 from workers.context import load_context
-from workers.openai_wire import Endpoint, Transient
+from workers.lease import Lease
+from workers.model_call import first_upstream, stream_model
 from workers.state import WorkerState, state
 
 log = logging.getLogger(__name__)
 
-_FINISH_REASONS = {"tool_call": "tool_calls", "error": "stop"}
 PROGRESS_EVERY = 16
 """Deltas between updates of the token count in `haia:inflight`."""
 
@@ -75,19 +64,46 @@ async def generate(
         # to attached clients, so the generation ends here with what was said.
         await end_as(st.redis, st.settings, completion_id, status=Status.INTERRUPTED)
         return Status.INTERRUPTED.value
+    lease = Lease(
+        st.redis,
+        completion_id=completion_id,
+        worker=st.worker_id,
+        arrival_ms=int(message.created_at.timestamp() * 1000),
+    )
+    try:
+        return await _take_and_run(st, message, lease, options or {})
+    finally:
+        await asyncio.shield(lease.leave())
+
+
+async def _take_and_run(
+    st: WorkerState, message: Message, lease: Lease, options: dict[str, Any]
+) -> str:
+    """Wait (still `queued`) for a slot on the first model's upstream, then run."""
+    completion_id = str(message.completion_id)
+    first = first_upstream(st, message.model or "")
+    if first is not None and first.max_concurrent:
+
+        async def waiting(upstream: Upstream) -> None:
+            log.info("generation %s waits for a slot on %s", completion_id, upstream.name)
+            await Inflight(st.redis).waiting(
+                completion_id,
+                conversation=message.conversation_id,  # type: ignore[attr-defined]
+                model=message.model or "",
+                request_id=message.request_id or "-",
+                worker=st.worker_id,
+                upstream=upstream.name,
+            )
+
+        if not await lease.enter(first, on_wait=waiting):
+            if await st.redis.exists(keys.gen_cancel(completion_id)):
+                await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
+            return "skipped"  # ended while it waited (cancelled, or timed out in the queue)
     run = await take_fence(st.redis, st.settings, message, status=Status.IN_PROGRESS)
     if run is None:
         return "skipped"
     publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
-    return await _generate(st, message, publisher, options or {})
-
-
-class Sink(Protocol):
-    """Where a model's deltas go, by kind."""
-
-    def delta(self, text: str) -> None: ...
-    def reasoning(self, text: str) -> None: ...
-    def tool(self, piece: dict[str, Any]) -> None: ...
+    return await _generate(st, message, publisher, options, lease)
 
 
 @dataclass
@@ -100,6 +116,8 @@ class _Progress:
     reasoning_parts: list[str] = field(default_factory=list)
     first_token_at: datetime | None = None
     count: int = 0
+    model: str | None = None
+    """The model answering now."""
 
     def _seen(self) -> None:
         if self.publisher.fenced:
@@ -126,25 +144,32 @@ class _Progress:
 
 
 async def _generate(
-    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any]
+    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any], lease: Lease
 ) -> str:
     completion_id = str(message.completion_id)
     inflight = Inflight(st.redis)
+    model = model_chain(message.model or "", st.settings.aliases)[0]
     entry = inflight.running_entry(
         conversation=message.conversation_id,  # type: ignore[attr-defined]
-        model=message.model or "",
+        model=model,
         request_id=message.request_id or "-",
         worker=st.worker_id,
         attempt=publisher.token,
     )
-    await asyncio.gather(inflight.running(completion_id, entry), publisher.start())
-    log.info("generation %s started on %s (run %d)", completion_id, message.model, publisher.token)
+    await asyncio.gather(inflight.running(completion_id, entry), publisher.start(model))
+    log.info("generation %s started on %s (run %d)", completion_id, model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
     progress = _Progress(
         publisher=publisher,
         on_count=lambda n: st.batcher.later(inflight.progress(completion_id, entry, n)),
+        model=model,
     )
+
+    async def announce(fallback: str) -> None:
+        progress.model = entry["model"] = fallback
+        await asyncio.gather(inflight.running(completion_id, entry), publisher.start(fallback))
+
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
             context = await load_context(
@@ -157,6 +182,8 @@ async def _generate(
                 prompt=context,
                 options=options,
                 sink=progress,
+                lease=lease,
+                announce=announce,
             )
         outcome.apply(ending)
     except Fenced:
@@ -217,160 +244,9 @@ async def _end(
     ending.text = "".join(progress.parts)
     ending.reasoning = "".join(progress.reasoning_parts)
     ending.first_token_at = progress.first_token_at
+    if ending.status == Status.COMPLETED or progress.count:
+        ending.model = progress.model  # it answered, at least in part
     try:
         await end_run(publisher, message, ending)
     finally:
         await inflight.remove(str(message.completion_id))
-
-
-@dataclass
-class Outcome:
-    """What the model's response says beyond its deltas."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    tool_calls: list[dict[str, Any]] | None = None
-    reasoning_parts: list[dict[str, Any]] | None = None
-
-    def apply(self, ending: Ending) -> None:
-        ending.prompt_tokens, ending.completion_tokens = self.prompt_tokens, self.completion_tokens
-        ending.finish_reason = self.finish_reason
-        ending.tool_calls, ending.reasoning_parts = self.tool_calls, self.reasoning_parts
-
-
-class Prompt(Protocol):
-    """What a model request carries, renderable for either wire."""
-
-    def model_messages(self) -> list[Any]: ...
-    def openai_messages(self) -> list[dict[str, Any]]: ...
-
-
-async def stream_model(
-    st: WorkerState,
-    *,
-    model_id: str,
-    prompt: Prompt,
-    options: dict[str, Any],
-    sink: Sink,
-) -> Outcome:
-    """Stream one model response into `sink`: content, reasoning and tool-call deltas.
-
-    Transient upstream failures (rate limit with a known wait, overload, refused connection)
-    are retried with a bounded backoff, and only while nothing has been sent: a failure
-    mid-stream is never retried silently. The SDKs' own retries are off so the bound is HAIA's.
-    """
-    settings = st.settings
-    watched = _Watched(sink)
-    for attempt in range(settings.llm_retries + 1):
-        try:
-            if model_id.partition(":")[0] in OPENAI_WIRE_PROVIDERS:
-                return await _request_openai(st, model_id, prompt, options, watched)
-            return await _request_pydantic(st, model_id, prompt, options, watched)
-        except Transient as exc:
-            wait = _retry_wait(exc, attempt, settings.llm_retry_max_wait)
-            if watched.sent or attempt == settings.llm_retries or wait is None:
-                raise exc.error from None
-            log.info(
-                "upstream %s (%s); retry %d in %.1fs",
-                model_id,
-                type(exc).__name__,
-                attempt + 1,
-                wait,
-            )
-            await asyncio.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-@dataclass
-class _Watched:
-    """A sink that remembers whether anything reached it (then no retry may repeat it)."""
-
-    inner: Sink
-    sent: bool = False
-
-    def delta(self, text: str) -> None:
-        self.sent = True
-        self.inner.delta(text)
-
-    def reasoning(self, text: str) -> None:
-        self.sent = True
-        self.inner.reasoning(text)
-
-    def tool(self, piece: dict[str, Any]) -> None:
-        self.sent = True
-        self.inner.tool(piece)
-
-
-def _retry_wait(exc: Transient, attempt: int, max_wait: float) -> float | None:
-    """Seconds to wait before retrying `exc`, or None when it must not be retried."""
-    retry_after = exc.error.retry_after
-    if isinstance(exc.error, RateLimited) and retry_after is None:
-        return None  # e.g. a spend limit: waiting will not help
-    wait = float(retry_after) if retry_after is not None else min(0.5 * 2**attempt, 8.0)
-    return wait if wait <= max_wait else None
-
-
-async def _request_pydantic(
-    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
-) -> Outcome:
-    from workers import pydantic_model  # loaded only when such a model is used
-
-    collector = _ToolCalls(sink)  # stored as streamed: what the client will send back
-    result = await pydantic_model.stream(
-        st.models, st.settings, model_id, prompt.model_messages(), options, collector
-    )
-    return Outcome(
-        prompt_tokens=result["prompt_tokens"],
-        completion_tokens=result["completion_tokens"],
-        finish_reason=_FINISH_REASONS.get(result["finish_reason"], result["finish_reason"]),
-        tool_calls=collector.calls(),
-        reasoning_parts=result["reasoning_parts"],
-    )
-
-
-OPENAI_WIRE_PROVIDERS = frozenset({"ollama", "openai-chat"})
-
-
-async def _request_openai(
-    st: WorkerState, model_id: str, prompt: Prompt, options: dict[str, Any], sink: Sink
-) -> Outcome:
-    provider, name = split_model_id(model_id)
-    base_url, api_key = openai_endpoint(provider, st.settings)
-    body: dict[str, Any] = {
-        **options.get("openai", {}),
-        "model": name,
-        "messages": prompt.openai_messages(),
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    collector = _ToolCalls(sink)
-    result = await st.wire.stream(Endpoint(provider, base_url, api_key), body, collector)
-    usage = result.get("usage") or {}
-    return Outcome(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason=_FINISH_REASONS.get(result["finish_reason"], result["finish_reason"]),
-        tool_calls=collector.calls(),
-    )
-
-
-@dataclass
-class _ToolCalls:
-    """Forwards deltas, assembling the tool calls for storage on the way."""
-
-    inner: Sink
-    pieces: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def delta(self, text: str) -> None:
-        self.inner.delta(text)
-
-    def reasoning(self, text: str) -> None:
-        self.inner.reasoning(text)
-
-    def tool(self, piece: dict[str, Any]) -> None:
-        add_tool_piece(self.pieces, piece)
-        self.inner.tool(piece)
-
-    def calls(self) -> list[dict[str, Any]] | None:
-        return assembled(self.pieces)

@@ -31,7 +31,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from app.llm import BASE_URL_VARIABLES, CREDENTIAL_VARIABLES
+from app.upstreams import Upstream
 
 
 class Transient(HaiaError):
@@ -42,11 +42,15 @@ class Transient(HaiaError):
         self.error = error
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoint:
-    provider: str
-    base_url: str
-    api_key: str | None
+    """Where a request goes: an upstream, by its name in messages and its variables."""
+
+    upstream: Upstream
+
+    @property
+    def provider(self) -> str:
+        return self.upstream.name
 
 
 class OpenAIWire:
@@ -77,9 +81,9 @@ class OpenAIWire:
         """POST a streaming chat completion; deltas go to `sink` (`delta`, `reasoning`,
         `tool`). Returns {"finish_reason", "usage"}."""
         headers = {"Accept": "text/event-stream"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        url = endpoint.base_url.rstrip("/") + "/chat/completions"
+        if endpoint.upstream.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.upstream.api_key}"
+        url = endpoint.upstream.openai_base_url.rstrip("/") + "/chat/completions"
         server = f"The model's server ({endpoint.provider})"
         try:
             async with self._client().post(url, json=body, headers=headers) as response:
@@ -91,9 +95,7 @@ class OpenAIWire:
             raise UpstreamTimeout(f"{server} did not answer within HAIA_LLM_TIMEOUT.") from exc
         except aiohttp.ClientConnectorError as exc:
             raise Transient(
-                Unavailable(
-                    f"{server} is unreachable; check {BASE_URL_VARIABLES[endpoint.provider]}."
-                )
+                Unavailable(f"{server} is unreachable; check {endpoint.upstream.url_variable}.")
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{server} closed the connection.") from exc
@@ -180,8 +182,7 @@ def _status_error(
     message = _message_of(detail) if detail else ""
     if status in (401, 403):
         return Unauthorized(
-            f"{server} rejected HAIA's credentials; check "
-            f"{CREDENTIAL_VARIABLES[endpoint.provider]}.",
+            f"{server} rejected HAIA's credentials; check {endpoint.upstream.key_variable}.",
             code="upstream_authentication_failed",
         )
     if status == 404:
@@ -192,7 +193,7 @@ def _status_error(
         if code == "insufficient_quota":
             return RateLimited(
                 f"{server} says HAIA's account is out of quota or credit; check the plan "
-                f"behind {CREDENTIAL_VARIABLES[endpoint.provider]}.",
+                f"behind {endpoint.upstream.key_variable}.",
                 code="insufficient_quota",
             )
         limited = RateLimited(f"{server} is rate limiting requests.", retry_after=retry_after)

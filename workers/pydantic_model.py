@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, cast
 
+from anthropic import AsyncAnthropic
 from pydantic_ai.direct import model_request_stream
 from pydantic_ai.exceptions import (
     ModelAPIError,
@@ -68,59 +69,55 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from app.llm import BASE_URL_VARIABLES, CREDENTIAL_VARIABLES, secret, split_model_id
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
+from app.upstreams import Upstream
 from workers.openai_wire import Transient
 
 
-def build_model(model_id: str, settings: Settings) -> Model:
-    """A pydantic-ai model for `model_id`, wired to the provider settings."""
-    provider, name = split_model_id(model_id)
-    if provider == "ollama":
-        return OllamaModel(name, provider=OllamaProvider(base_url=settings.ollama_base_url))
-    if provider == "anthropic":
-        return AnthropicModel(
-            name,
-            provider=AnthropicProvider(
-                api_key=secret(settings.anthropic_api_key) or "",
-                base_url=settings.anthropic_base_url,
-            ),
+def build_model(upstream: Upstream, name: str) -> Model:
+    """A pydantic-ai model for `name` on `upstream`, with its own URL and key."""
+    if upstream.kind == "ollama":
+        return OllamaModel(name, provider=OllamaProvider(base_url=upstream.openai_base_url))
+    if upstream.kind == "anthropic":
+        # A client of our own: the provider would otherwise fall back to ANTHROPIC_API_KEY
+        # from the environment, sending the built-in key to a named upstream without one.
+        client = AsyncAnthropic(
+            api_key=upstream.api_key or "", base_url=upstream.base_url, max_retries=0
         )
+        return AnthropicModel(name, provider=AnthropicProvider(anthropic_client=client))
     return OpenAIChatModel(
         name,
         provider=OpenAIProvider(
-            api_key=secret(settings.openai_api_key) or "not-set",
-            base_url=settings.openai_base_url,
+            api_key=upstream.api_key or "not-set", base_url=upstream.openai_base_url
         ),
     )
 
 
-def translate_model_error(exc: BaseException, *, model_id: str) -> HaiaError:
+def translate_model_error(exc: BaseException, *, upstream: Upstream, name: str) -> HaiaError:
     """Map a pydantic-ai/provider failure to HAIA's error types (the one place that does)."""
-    provider = model_id.partition(":")[0]
-    server = f"The model's server ({provider})"
+    server = f"The model's server ({upstream.name})"
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(exc, ModelTimeoutError | TimeoutError):
         return UpstreamTimeout(f"{server} did not answer within HAIA_LLM_TIMEOUT.")
     if isinstance(exc, ModelConnectionError):
         return Unavailable(
-            f"{server} is unreachable; check {BASE_URL_VARIABLES[provider]}.",
+            f"{server} is unreachable; check {upstream.url_variable}.",
             retry_after=retry_after,
         )
     if isinstance(exc, ModelAPIError):
-        return _translate_api_error(exc, server, provider, model_id, retry_after)
+        return _translate_api_error(exc, server, upstream, f"{upstream.name}:{name}", retry_after)
     if isinstance(exc, UnexpectedModelBehavior):
         return UpstreamError(f"{server} sent an answer HAIA cannot use.")
     return HaiaError("The generation failed unexpectedly.")
 
 
 def _translate_api_error(
-    exc: ModelAPIError, server: str, provider: str, model_id: str, retry_after: float | None
+    exc: ModelAPIError, server: str, upstream: Upstream, model_id: str, retry_after: float | None
 ) -> HaiaError:
     if isinstance(exc, ModelQuotaExceededError):
         return RateLimited(
             f"{server} says HAIA's account is out of quota or credit; "
-            f"check the plan behind {CREDENTIAL_VARIABLES[provider]}.",
+            f"check the plan behind {upstream.key_variable}.",
             code="insufficient_quota",
         )
     if isinstance(exc, ModelRateLimitError):
@@ -129,7 +126,7 @@ def _translate_api_error(
         return Unavailable(f"{server} is overloaded; try again shortly.", retry_after=retry_after)
     if isinstance(exc, ModelAuthenticationError):
         return Unauthorized(
-            f"{server} rejected HAIA's credentials; check {CREDENTIAL_VARIABLES[provider]}.",
+            f"{server} rejected HAIA's credentials; check {upstream.key_variable}.",
             code="upstream_authentication_failed",
         )
     if isinstance(exc, ModelNotFoundError):
@@ -151,11 +148,10 @@ _THINKING = {
 
 
 def request_settings(
-    model_id: str, options: dict[str, Any], settings: Settings
+    kind: str, options: dict[str, Any], settings: Settings
 ) -> tuple[ModelSettings, ModelRequestParameters]:
     """The model settings and request parameters for a job's `options` (see
-    `ChatCompletionRequest.options`), translated for the model's provider."""
-    provider = model_id.partition(":")[0]
+    `ChatCompletionRequest.options`), translated for an upstream of `kind`."""
     values: dict[str, Any] = {
         "timeout": settings.llm_timeout,
         "max_retries": 0,
@@ -168,7 +164,7 @@ def request_settings(
         values["tool_choice"] = [choice["name"]] if isinstance(choice, dict) else choice
     effort = options.get("reasoning_effort")
     user = options.get("user")
-    if provider == "anthropic":
+    if kind == "anthropic":
         if effort is not None:
             values["thinking"] = _THINKING[effort]  # pydantic-ai turns it into a budget
         values.pop("logit_bias", None)  # not an Anthropic parameter
@@ -305,50 +301,55 @@ def to_model_message(role: str, text: str) -> ModelMessage:
     return ModelRequest(parts=[UserPromptPart(content=text)])
 
 
-def model_for(cache: dict[str, Any], model_id: str, settings: Settings) -> Model:
+def model_for(cache: dict[str, Any], upstream: Upstream, name: str) -> Model:
+    model_id = f"{upstream.name}:{name}"
     if model_id not in cache:
-        cache[model_id] = build_model(model_id, settings)
+        cache[model_id] = build_model(upstream, name)
     return cast(Model, cache[model_id])
 
 
 async def stream(
     cache: dict[str, Any],
     settings: Settings,
-    model_id: str,
+    upstream: Upstream,
+    name: str,
     messages: list[ModelMessage],
     options: dict[str, Any],
     sink: Any,
 ) -> dict[str, Any]:
-    """Stream one response into `sink`; pydantic-ai's errors come out as HAIA's (transient
-    ones as `Transient`). Returns usage, finish reason and signed thinking."""
+    """Stream one response of `name` on `upstream` into `sink`; pydantic-ai's errors come out
+    as HAIA's (transient ones as `Transient`). Returns usage, finish reason and signed
+    thinking."""
     try:
-        return await _request(cache, settings, model_id, messages, options, sink)
+        return await _request(
+            model_for(cache, upstream, name), upstream.kind, settings, messages, options, sink
+        )
     except HaiaError:
         raise
     except _TRANSIENT as exc:
-        error = translate_model_error(exc, model_id=model_id)
+        error = translate_model_error(exc, upstream=upstream, name=name)
         if isinstance(exc, ModelRateLimitError) and getattr(exc, "retry_after", None) is None:
             raise error from exc  # e.g. a spend limit: waiting will not help
         raise Transient(error) from exc
     except Exception as exc:
-        raise translate_model_error(exc, model_id=model_id) from exc
+        raise translate_model_error(exc, upstream=upstream, name=name) from exc
 
 
 _TRANSIENT = (ModelRateLimitError, ModelUnavailableError, ModelConnectionError)
 
 
 async def _request(
-    cache: dict[str, Any],
+    model: Model,
+    kind: str,
     settings: Settings,
-    model_id: str,
     messages: list[ModelMessage],
     options: dict[str, Any],
     sink: Any,
 ) -> dict[str, Any]:
-    model_settings, parameters = request_settings(model_id, options, settings)
+    model_settings, parameters = request_settings(kind, options, settings)
     calls: dict[int, int] = {}  # response part index -> tool call index
     async with model_request_stream(
-        model_for(cache, model_id, settings),
+        model,
         messages,
         model_settings=model_settings,
         model_request_parameters=parameters,

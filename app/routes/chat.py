@@ -15,7 +15,7 @@ from sanic_ext.extensions.openapi.definitions import Component
 from app import keys
 from app.context import Services, services
 from app.db.models import ACTIVE, Message, Status
-from app.errors import InvalidRequest, RateLimited, Unavailable
+from app.errors import HaiaError, InvalidRequest, RateLimited, Unavailable
 from app.events import Event
 from app.generations import (
     abort_job,
@@ -210,16 +210,16 @@ async def _await_worker(
 ) -> list[Event]:
     """Wait for a worker to start the job; give up with a 503 after HAIA_QUEUE_TIMEOUT.
 
-    Returns the events after `start` that were already read (at most one).
+    Returns the first event (`start`, or an `end` when it ended before starting).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.settings.queue_timeout
     async for event in events:
         if event is not None:
-            return [] if event.type == "start" else [event]
+            return [event]
         if loop.time() < deadline:
             continue
-        error = no_worker_error(svc.settings)
+        error = await _queue_timeout_error(svc, turn)
         # Ends it unless a worker took it meanwhile (the fence decides); a task too.
         ended = await end_as(
             svc.redis,
@@ -236,6 +236,20 @@ async def _await_worker(
     raise Unavailable("The generation ended without a result.")
 
 
+async def _queue_timeout_error(svc: Services, turn: Turn) -> HaiaError:
+    """The 503 of HAIA_QUEUE_TIMEOUT, saying whether it waited for a worker or for a slot."""
+    entry = await Inflight(svc.redis).get(turn.completion_id) or {}
+    upstream = svc.settings.upstreams.get(str(entry.get("waiting_for")))
+    if upstream is None:
+        return no_worker_error(svc.settings)
+    return Unavailable(
+        f"The request waited more than {svc.settings.queue_timeout:g} s (HAIA_QUEUE_TIMEOUT) "
+        f"for one of the {upstream.max_concurrent} slots of upstream {upstream.name!r} "
+        f"({upstream.limit_variable}).",
+        code="no_worker",
+    )
+
+
 async def _stream(
     request: Request,
     follower: Follower,
@@ -246,12 +260,12 @@ async def _stream(
     svc = services(request)
     events = follower.events()
     pending = await _await_worker(svc, events, turn)
-    first = pending[0] if pending else await first_event(events)
+    first, model = await first_event(_chain(pending, events), turn.model)
     if first is not None and first.is_terminal and first.status == Status.FAILED:
         raise failure(first)  # nothing sent yet: the client gets the real status
     target = StreamTarget(
         completion_id=turn.completion_id,
-        model=turn.model,
+        model=model,
         created=turn.created,
         include_usage=include_usage,
     )
@@ -263,7 +277,10 @@ async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatComplet
     deltas: list[Event] = []
     events = follower.events()
     pending = await _await_worker(svc, events, turn)
+    model = turn.model
     async for event in _chain(pending, events):
+        if event is not None and event.model:
+            model = event.model  # a start announcing a (fallback) model, or the end
         if event is None or event.type == "start":
             continue
         if event.type == "delta":
@@ -282,7 +299,7 @@ async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatComplet
         return ChatCompletion(
             id=turn.completion_id,
             created=turn.created,
-            model=turn.model,
+            model=model,
             choices=[Choice(message=message, finish_reason=event.finish_reason or "stop")],
             usage=Usage(**event.usage) if event.usage else Usage(),
         )

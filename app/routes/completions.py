@@ -17,7 +17,7 @@ from app import keys
 from app.context import Services, services
 from app.db.models import FINISHED, Message, Status
 from app.errors import InvalidRequest, NotFound
-from app.events import Event
+from app.events import Event, answering_model
 from app.generations import (
     Ending,
     abort_job,
@@ -64,10 +64,11 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
     text, status, finish_reason = message.content, message.status, message.finish_reason
     reasoning, tool_calls = message.reasoning, message.tool_calls
     usage = Usage.of(message.prompt_tokens, message.completion_tokens)
-    error = message.error
+    error, model = message.error, message.model or ""
     if message.status not in FINISHED:
         events = await logged_events(svc.redis, str(message.completion_id))
         text, reasoning, tool_calls = text_of(events), reasoning_of(events), tool_calls_of(events)
+        model = answering_model(events) or model
         if events and events[-1].is_terminal:
             ending = Ending.from_log(events)
             status, finish_reason, error = ending.status, ending.finish_reason, ending.detail()
@@ -75,7 +76,7 @@ async def stored_completion(svc: Services, message: Message) -> StoredCompletion
     return StoredCompletion(
         id=str(message.completion_id),
         created=int(message.created_at.timestamp()),
-        model=message.model or "",
+        model=model,
         status=status.value,
         conversation_id=message.conversation_id,  # type: ignore[attr-defined]
         choices=[
@@ -149,9 +150,12 @@ async def stream_completion(request: Request, completion_id: str) -> None:
     after = _resume_point(request)
     async with svc.relay.follow(completion_id) as follower:
         message = await _message(request, completion_id)  # after subscribing: nothing can slip by
+        model = message.model or ""
+        if message.status not in FINISHED:  # a fallback may be answering
+            model = answering_model(await logged_events(svc.redis, completion_id)) or model
         target = StreamTarget(
             completion_id=completion_id,
-            model=message.model or "",
+            model=model,
             created=int(message.created_at.timestamp()),
             include_usage=_flag(request, "include_usage"),
         )

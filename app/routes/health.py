@@ -37,9 +37,10 @@ async def _check(probe: Any) -> tuple[Any, str | None]:
 
 async def _upstream(svc: Services) -> Check:
     models = await svc.catalog.models()
-    check = Check(status="ok" if models else "unreachable", models=len(models))
-    if svc.catalog.upstream_error and svc.catalog.discovers:
-        check.status, check.detail = "unreachable", svc.catalog.upstream_error
+    reachable = bool(models) and not svc.catalog.all_unreachable
+    check = Check(status="ok" if reachable else "unreachable", models=len(models))
+    if svc.catalog.upstream_errors:
+        check.detail = "; ".join(svc.catalog.upstream_errors)
     return check
 
 

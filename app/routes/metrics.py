@@ -20,10 +20,13 @@ bp = Blueprint("metrics")
     "Counters and histograms are kept in Redis by every process; gauges are read live. "
     "Families: `haia_http_requests_total`, `haia_generations_total`, "
     "`haia_generation_ttft_seconds`, `haia_tokens_total`, `haia_generations_in_flight`, "
-    "`haia_queue_depth`, `haia_workers`."
+    "`haia_queue_depth`, `haia_workers`, and per limited upstream `haia_upstream_running` and "
+    "`haia_upstream_waiting`."
 )
 @openapi.response(200, {"text/plain": str}, "The metrics, in the Prometheus text format")
 @errors(503)
 async def metrics(request: Request) -> HTTPResponse:
-    snapshot = await read_snapshot(services(request).redis)
+    svc = services(request)
+    limited = [u.name for u in svc.settings.upstreams.values() if u.max_concurrent]
+    snapshot = await read_snapshot(svc.redis, limited=limited)
     return raw(render(snapshot), content_type=CONTENT_TYPE_LATEST)

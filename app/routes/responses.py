@@ -45,7 +45,7 @@ from app.routes.chat import (
     task_chat,
 )
 from app.routes.completions import MAX_SEQ, stop_generation, stored_events
-from app.streaming import failure, first_event, open_stream, relay_encoded
+from app.streaming import failure, open_stream, relay_encoded
 from app.turns import Turn, start_chain_turn, start_turn
 
 bp = Blueprint("responses")
@@ -269,8 +269,12 @@ async def _stream(
         response = await open_stream(request, headers)
         await relay_encoded(response, ResponseStream(meta), events)
         return
-    pending = await _await_worker(svc, events, turn)
-    first = pending[0] if pending else await first_event(events)
+    # Up to the first delta or end (or a silent keep-alive interval): a failure before any
+    # output is still an HTTP error.
+    buffered: list[Event | None] = list(await _await_worker(svc, events, turn))
+    while buffered[-1] is not None and buffered[-1].type == "start":
+        buffered.append(await anext(events))
+    first = buffered[-1]
     if (
         first is not None
         and first.is_terminal
@@ -278,18 +282,15 @@ async def _stream(
         and (first.error or {}).get("code") != OVERFLOW
     ):
         raise failure(first)  # nothing sent yet: the client gets the real status
-    started: list[Event | None] = [] if pending else [Event(seq=1, type="start")]
     response = await open_stream(request, headers)
-    await relay_encoded(response, ResponseStream(meta), events, first=[*started, first])
+    await relay_encoded(response, ResponseStream(meta), events, first=buffered)
 
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> list[Event]:
     """Every event up to the end; a failed generation is an HTTP error (nothing was sent)."""
     events = follower.events()
-    pending = await _await_worker(svc, events, turn)
-    collected: list[Event] = [] if pending else [Event(seq=1, type="start")]
-    collected.extend(pending)
-    if pending and pending[-1].is_terminal:
+    collected = await _await_worker(svc, events, turn)
+    if collected[-1].is_terminal:
         return _checked(collected)
     async for event in events:
         if event is None:
@@ -362,7 +363,9 @@ async def _events(svc: Services, message: Message) -> list[Event]:
 
 
 async def _current(svc: Services, stored: StoredResponse, message: Message) -> dict[str, Any]:
-    encoder = _encoded(_meta(stored), await _events(svc, message))
+    meta = _meta(stored)
+    meta["model"] = message.model or meta["model"]  # the model that answered
+    encoder = _encoded(meta, await _events(svc, message))
     body = encoder.response()
     if not encoder.ended:
         body["status"] = "queued" if message.status == Status.QUEUED else "in_progress"
