@@ -161,6 +161,7 @@ class OpenWebUI:
         parent_id: str | None = None,
         images: Sequence[str] = (),
         model: str = MODEL,
+        params: dict[str, Any] | None = None,
     ) -> Answer:
         """One turn as the UI sends it; waits until OpenWebUI has stored the whole answer."""
         user_id, assistant_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -181,7 +182,7 @@ class OpenWebUI:
         body: dict[str, Any] = {
             "stream": True,
             "model": model,
-            "params": {},
+            "params": params or {},
             "tool_servers": [],
             "features": {
                 "voice": False,
@@ -542,3 +543,17 @@ async def test_anthropic_thinking_goes_back_signed_in_a_tool_round_trip(
     assert [b["type"] for b in blocks] == ["thinking", "tool_use"]
     assert blocks[0]["thinking"] == "think0 think1 "
     assert blocks[0]["signature"] == "sig-fake-2"
+
+
+@pytest.mark.parametrize("api", API_TYPES, indirect=True)
+async def test_the_chats_model_parameters_reach_the_model(
+    api: str, owui: OpenWebUI, haia_side: Haia
+) -> None:
+    """OpenWebUI's chat controls (advanced params). Over Responses it renames only
+    max_tokens; reasoning_effort and seed arrive under their chat completions names."""
+    params = {"reasoning_effort": "high", "temperature": 0.3, "top_p": 0.9, "seed": 7}
+    answer = await owui.send(f"Careful now ({api}).", params={**params, "max_tokens": 50})
+    assert answer.error is None
+    asked = (await chat_requests(haia_side))[-1]
+    assert {name: asked.get(name) for name in params} == params
+    assert asked["max_tokens"] == 50
