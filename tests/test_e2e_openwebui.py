@@ -557,3 +557,24 @@ async def test_the_chats_model_parameters_reach_the_model(
     asked = (await chat_requests(haia_side))[-1]
     assert {name: asked.get(name) for name in params} == params
     assert asked["max_tokens"] == 50
+
+
+@pytest.mark.parametrize("api", API_TYPES, indirect=True)
+async def test_parallel_tool_calls_run_and_stay_one_conversation(
+    api: str, owui: OpenWebUI, haia_side: Haia
+) -> None:
+    before = await haia_side.conversation_ids()
+    first = await owui.send(f"Two tools at once ({api}). #fake call=2")
+    assert first.error is None
+    calls = first.items("function_call")
+    assert [c["name"] for c in calls] == ["get_current_timestamp", "calculate_timestamp"]
+    results = first.items("function_call_output")
+    assert sorted(r["call_id"] for r in results) == sorted(c["call_id"] for c in calls)
+    assert first.content == f"Echo: Two tools at once ({api}). [tool results: 2]"
+    second = await owui.send("Thanks.", chat_id=first.chat_id, parent_id=first.message_id)
+    assert second.content == "Echo: Thanks."
+
+    made = await settled(haia_side, before)
+    assert len(made) == 1, [turns(c) for c in made]
+    roles = [m["role"] for m in made[0]["messages"]]
+    assert roles == ["user", "assistant", "tool", "tool", "assistant", "user", "assistant"]
