@@ -403,3 +403,56 @@ async def test_a_tool_round_trip_resent_re_serialized_stays_one_conversation(
     )
     rows = await dbcheck.messages(stack.database_url, conversation_id)
     assert [r["role"] for r in rows] == ["user", "assistant", "tool", "assistant"]
+
+
+async def test_a_stateful_tool_follow_up_repeating_the_call_stores_it_once(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI's Responses connection with ENABLE_RESPONSES_API_STATEFUL: the tool follow-up
+    carries `previous_response_id` AND the call it answers again, then the next turn resends
+    the whole chat. The call is stored and shown to the model once; the chat stays one
+    conversation."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-stateful-tools"}
+    url = f"{stack.base_url}/v1/responses"
+    tool = {"type": "function", "name": "get_current_timestamp", "parameters": {}}
+    question = {"type": "message", "role": "user", "content": "Time? #fake call=1"}
+    base = {"model": "ollama:fake-model", "tools": [tool]}
+    first = await http.post(url, json={**base, "input": [question]}, headers=headers)
+    assert first.status_code == 200, first.text
+    conversation_id = first.headers["x-conversation-id"]
+    call = first.json()["output"][0]
+    assert call["type"] == "function_call"
+    repeated = {
+        "type": "function_call",
+        "call_id": call["call_id"],
+        "name": call["name"],
+        "arguments": '{"query":"tok 0","n":0}',
+    }
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "{}"}
+    await stack.forget_upstream_requests()
+    follow_up = await http.post(
+        url,
+        json={**base, "input": [repeated, result], "previous_response_id": first.json()["id"]},
+        headers=headers,
+    )
+    assert follow_up.status_code == 200, follow_up.text
+    assert follow_up.headers["x-conversation-id"] == conversation_id
+    answer = follow_up.json()["output"][0]["content"][0]["text"]
+    asked = (await stack.upstream_requests())[-1]["body"]["messages"]
+    assert [m["role"] for m in asked] == ["user", "assistant", "tool"]
+    reply = {"type": "message", "role": "assistant", "content": answer}
+    again = {"type": "message", "role": "user", "content": "Thanks."}
+    last = await http.post(
+        url, json={**base, "input": [question, repeated, result, reply, again]}, headers=headers
+    )
+    assert last.status_code == 200, last.text
+    assert last.headers["x-conversation-id"] == conversation_id
+    rows = await dbcheck.messages(stack.database_url, conversation_id)
+    assert [r["role"] for r in rows] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]
