@@ -230,10 +230,24 @@ async def start_chain_turn(
             if later or own:
                 conversation = await _fork(conversation, owner=owner, upto=after.id)
             await conversation.save(update_fields=["updated_at"])
+        if after is not None and messages and _restates(messages[0], after):
+            messages = messages[1:]
         await _store_messages(conversation, messages, offset=0)
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created
         )
+
+
+def _restates(message: ChatMessage, after: Message) -> bool:
+    """`message` only repeats `after`, the turn it continues: its tool calls, as a client
+    resends them with their results (OpenWebUI's stateful Responses mode). Stored once."""
+    if message.role != "assistant" or not message.tool_calls or not after.tool_calls:
+        return False
+    ids = [call.id for call in message.tool_calls]
+    return ids == [call.get("id") for call in after.tool_calls] and message.text in (
+        "",
+        after.content or "",
+    )
 
 
 async def _store_messages(
