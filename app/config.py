@@ -26,12 +26,18 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from app.redact import redact_url
 from app.upstreams import PREFIX, BuiltIns, Upstream, model_problem, parse_aliases, parse_upstreams
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "sqlite://data/haia.sqlite3"
 UPSTREAM_VARIABLES = f"{PREFIX}*"
 """The (pseudo) alias under which every `HAIA_UPSTREAM_…` variable reaches the settings."""
+
+PLACEHOLDER_KEYS = frozenset(
+    {"change-me", "changeme", "replace-me", "your-key", "your-api-key", "secret"}
+)
+"""Keys copied from an example file: refused at start, they protect nothing."""
 
 _ORIGIN_RE = re.compile(r"^https?://[^\s/]+/?$")
 
@@ -140,6 +146,9 @@ class Settings(BaseSettings):
     max_concurrent_per_owner: int = Field(
         default=16, ge=0, le=100_000, validation_alias=_env("HAIA_MAX_CONCURRENT_PER_OWNER")
     )
+    max_streams_per_owner: int = Field(
+        default=64, ge=0, le=100_000, validation_alias=_env("HAIA_MAX_STREAMS_PER_OWNER")
+    )
     max_messages: int = Field(
         default=1000, ge=1, le=1_000_000, validation_alias=_env("HAIA_MAX_MESSAGES")
     )
@@ -165,6 +174,17 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _real_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            if key.get_secret_value().lower().replace("_", "-") in PLACEHOLDER_KEYS:
+                raise ValueError(
+                    "a key is a placeholder from an example; generate a real one: "
+                    'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+                )
+        return value
 
     @field_validator("model", "task_model", mode="before")
     @classmethod
@@ -212,21 +232,23 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+            raise ValueError(f"{redact_url(value)!r} is not an http(s) URL")
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
         if value and not re.match(r"^(rediss?|unix)://", value):
-            raise ValueError(f"{value!r} is not a Redis URL (redis://host:port/db)")
+            raise ValueError(f"{redact_url(value)!r} is not a Redis URL (redis://host:port/db)")
         return value
 
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
         if not re.match(r"^(sqlite|postgres|postgresql|asyncpg)://", value):
-            raise ValueError(f"{value!r} is not a database URL (sqlite://… or postgres://…)")
+            raise ValueError(
+                f"{redact_url(value)!r} is not a database URL (sqlite://… or postgres://…)"
+            )
         return value
 
     @field_validator("log_level", "log_format", mode="before")

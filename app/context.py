@@ -13,6 +13,7 @@ from app.catalog import Catalog
 from app.config import Settings
 from app.hub import EventHub
 from app.relay import Relay
+from app.stream_slots import StreamSlots
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Services:
     relay: Relay
     http: httpx.AsyncClient
     catalog: Catalog
+    streams: StreamSlots
 
 
 def services(request: Request) -> Services:

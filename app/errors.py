@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.redact import scrub
+
 
 class HaiaError(Exception):
     """A failure with an HTTP status and an OpenAI-shaped body."""
@@ -35,7 +37,8 @@ class HaiaError(Exception):
         return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after))
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, type_=self.type, param=self.param, code=self.code)
+        # Scrubbed: an upstream's message may quote the key HAIA sent it.
+        return error_body(scrub(self.message), type_=self.type, param=self.param, code=self.code)
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:

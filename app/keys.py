@@ -22,6 +22,11 @@ def gen_log(completion_id: str) -> str:
     return f"{PREFIX}gen:{completion_id}:log"
 
 
+def owner_streams(owner: str) -> str:
+    """Sorted set: the owner's open SSE streams (lease id → when the lease lapses)."""
+    return f"{PREFIX}streams:{owner}"
+
+
 INFLIGHT = f"{PREFIX}inflight"
 """Hash: completion id → JSON of every running generation (conversation, model, tokens, worker…)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -17,6 +16,7 @@ from app.config import Settings, load_settings
 from app.db import apply_migrations
 from app.embedded_redis import ensure_redis
 from app.logs import setup_logging
+from app.preflight import require, require_redis, warn_if_exposed
 from app.server import create_app
 
 
@@ -26,7 +26,14 @@ def main() -> None:
     # Both happen once, in this process, before any worker starts: the embedded Redis (when
     # needed) lives as long as this process, and no two workers race to migrate.
     redis_url = ensure_redis(settings)
-    asyncio.run(apply_migrations(settings.database_url))
+    require_redis(redis_url)
+    require(
+        apply_migrations(settings.database_url),
+        "the database",
+        settings.database_url,
+        "HAIA_DATABASE_URL",
+    )
+    warn_if_exposed(settings)
     app = create_app(settings, redis_url=redis_url)
     if settings.web_workers == 1:
         app.run(

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from sanic_ext import openapi
 from sanic_ext.extensions.openapi.builders import OperationStore, SpecificationBuilder
 from sanic_ext.extensions.openapi.definitions import Component, Reference
-from sanic_ext.extensions.openapi.types import Integer
+from sanic_ext.extensions.openapi.types import Integer, String
 
 from app.schemas import ChatCompletionChunk, ErrorResponse
 
@@ -68,7 +68,9 @@ _ERROR_TEXT = {
     404: "Not found (or another owner's)",
     408: "The request body came too slowly",
     413: "The request body is too large",
-    429: "The upstream is rate limiting",
+    429: "Too many generations or streams at once for this owner "
+    "(HAIA_MAX_CONCURRENT_PER_OWNER, HAIA_MAX_STREAMS_PER_OWNER), or the upstream is rate "
+    "limiting; wait Retry-After seconds",
     500: "Unexpected error (details in the log, under the request id)",
     502: "The upstream failed",
     503: "A dependency (upstream, database, Redis, worker) is unavailable",
@@ -101,6 +103,11 @@ def errors(*statuses: int) -> Callable[[T], T]:
 def integer(**bounds: int) -> Any:
     """An integer parameter schema with bounds (`minimum=`, `maximum=`)."""
     return Integer(**bounds)  # type: ignore[no-untyped-call]
+
+
+def text(max_length: int) -> Any:
+    """A string parameter schema of at most `max_length` characters."""
+    return String(maxLength=max_length)  # type: ignore[no-untyped-call]
 
 
 def stream_events() -> Any:

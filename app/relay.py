@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -13,6 +13,12 @@ from app import keys
 from app.errors import Unavailable
 from app.events import Event
 from app.hub import SILENCE, EventHub, Item, Silence
+
+EndCheck = Callable[[int], Awaitable[Event | None]]
+"""Given the last seq sent: the generation's `end` (as seq + 1) if it is over, else None."""
+
+STALE_CHECK_EVERY = 4
+"""Silent keep-alive intervals between two checks that a followed generation still runs."""
 
 
 class Follower:
@@ -54,19 +60,34 @@ class Follower:
         """True while the generation's replay log exists in Redis."""
         return bool(await self._redis.exists(self._log))
 
-    async def events(self, *, after: int = 0) -> AsyncGenerator[Event | None, None]:
+    async def events(
+        self, *, after: int = 0, ended: EndCheck | None = None
+    ) -> AsyncGenerator[Event | None, None]:
         """Events with `seq > after`, in order, until the terminal one; `None` while silent.
 
         The subscription is already open, so replaying the log first and then dropping live
-        events the replay covered loses nothing whatever the timing.
+        events the replay covered loses nothing whatever the timing. While silent, `ended` is
+        asked every few keep-alive intervals whether the generation ended without its `end`
+        reaching this stream (an expired or damaged log): its answer ends the stream, so
+        keep-alive comments never hold a connection open after the generation is over.
         """
         last = after
+        silent = 0
         # The whole log: its end event tells whether `after` is already past the end.
         logged = await self._logged(0)
         batch: list[Event] | None = [e for e in logged if e.seq > after or e.is_terminal]
         while True:
             if batch is None:
                 yield None
+                silent += 1
+                if ended is not None and silent % STALE_CHECK_EVERY == 0:
+                    end = await ended(last)
+                    if end is not None:
+                        # The row is written after the log: what the log has now comes first.
+                        batch = await self._logged(last) or [end]
+                        continue
+            else:
+                silent = 0
             for event in batch or ():
                 if event.is_terminal and event.seq <= last:
                     return  # resumed at or past the end: nothing more to send

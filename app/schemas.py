@@ -122,6 +122,9 @@ class ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
+MAX_OUTPUT_TOKENS = 1_000_000
+"""The largest `max_tokens` / `max_completion_tokens` accepted (no model writes more)."""
+
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 _SUPPORTED_PARTS = ("text", "image_url")
@@ -151,22 +154,24 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
     # Strict: `true` is not a number nor `1` a boolean, as in OpenAI's own validation.
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
     top_p: StrictFloat | None = Field(default=None, ge=0, le=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    # Passed on to the model, never used to size anything of HAIA's own; bounded so an absurd
+    # value is a 400 here rather than an overflow in an upstream.
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     user: str | None = Field(default=None, max_length=256)
     n: StrictInt | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -13,14 +13,21 @@ from types import SimpleNamespace
 
 import httpx
 from arq.connections import RedisSettings, create_pool
+from asyncpg.exceptions import DataError as PgDataError
 from asyncpg.exceptions import InterfaceError, PostgresConnectionError
+from asyncpg.exceptions._base import DataError as PgClientDataError
 from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import SanicException
 from sanic.response import json as json_response
 from sanic_ext import Extend
-from tortoise.exceptions import DBConnectionError, OperationalError
+from tortoise.exceptions import (
+    DBConnectionError,
+    IntegrityError,
+    OperationalError,
+    ValidationError,
+)
 
 from app import jobs, keys
 from app.access import setup_access
@@ -29,7 +36,7 @@ from app.config import Settings
 from app.context import Services
 from app.cors import setup_cors
 from app.db import close_database, open_database
-from app.errors import HaiaError, Unauthorized, Unavailable, error_body
+from app.errors import HaiaError, InvalidRequest, Unauthorized, Unavailable, error_body
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
@@ -37,6 +44,8 @@ from app.openapi import secure_operations
 from app.relay import Relay
 from app.routes import chat, completions, conversations, health, models, responses
 from app.routes import metrics as metrics_route
+from app.stream_slots import StreamSlots
+from app.turns import MAX_CHAT_ID
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,10 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
         hub = EventHub(redis)
         await hub.start()
         http = httpx.AsyncClient()
+        streams = StreamSlots(
+            redis, limit=settings.max_streams_per_owner, lease=4 * settings.keepalive_interval
+        )
+        streams.start()
         app.ctx.services = Services(
             settings=settings,
             redis=redis,
@@ -84,6 +97,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
             relay=Relay(redis, hub, keepalive=settings.keepalive_interval),
             http=http,
             catalog=Catalog(settings, http),
+            streams=streams,
         )
 
     async def reap(app: App) -> None:
@@ -116,6 +130,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
 
     async def close_resources(app: App) -> None:
         svc: Services = app.ctx.services
+        await svc.streams.stop()
         await svc.hub.stop()
         await svc.http.aclose()
         await svc.redis.aclose()
@@ -146,6 +161,15 @@ def setup_discovery(app: App) -> None:
 
 def setup_errors(app: App) -> None:
     async def render(request: Request, exc: Exception) -> HTTPResponse:
+        if refused_by_database(exc):
+            # Input the validation let through and the database refuses (a length, a
+            # character): the request's fault, not an outage.
+            log.warning("the database refused a value on %s: %s", request.path, _cause_name(exc))
+            exc = InvalidRequest(
+                "A value in the request cannot be stored: it is too long or holds a character "
+                "the database refuses.",
+                code="invalid_value",
+            )
         if isinstance(exc, _STORE_DOWN):
             log.warning("storage unavailable on %s: %s", request.path, type(exc).__name__)
             exc = Unavailable(
@@ -169,6 +193,28 @@ def setup_errors(app: App) -> None:
         return json_response(error_body(message, type_="server_error"), status=500)
 
     app.error_handler.add(Exception, render)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def refused_by_database(exc: BaseException) -> bool:
+    """True for an error the database raised over a value it will not take (a constraint,
+    a too-long or malformed value), as opposed to the database being unreachable."""
+    for error in _chain(exc):
+        if isinstance(error, IntegrityError | ValidationError | PgDataError | PgClientDataError):
+            return True
+    return False
+
+
+def _cause_name(exc: BaseException) -> str:
+    return " <- ".join(type(error).__name__ for error in _chain(exc))
 
 
 def _error_headers(request: Request, exc: SanicException) -> dict[str, str]:
@@ -203,6 +249,7 @@ def setup_correlation(app: App, settings: Settings) -> None:
         request.ctx.authenticated = key is not None or not keys_
         if not request.ctx.authenticated and not is_public(request):
             raise Unauthorized("Incorrect or missing API key: send Authorization: Bearer <key>.")
+        check_text_headers(request)
         request.ctx.owner = owner_of(key, request.headers.get(OPENWEBUI_USER_HEADER))
 
     async def after(request: Request, response: HTTPResponse) -> None:
@@ -213,6 +260,26 @@ def setup_correlation(app: App, settings: Settings) -> None:
     app.on_request(correlate, priority=900)
     app.on_request(authenticate, priority=100)
     app.on_response(after)  # type: ignore[no-untyped-call]
+
+
+TEXT_HEADERS = (OPENWEBUI_USER_HEADER, "X-OpenWebUI-Chat-Id", "X-Conversation-ID")
+MAX_TEXT_HEADER = MAX_CHAT_ID
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
+
+
+def check_text_headers(request: Request) -> None:
+    """The headers whose text HAIA stores or looks up: at most 200 characters, valid UTF-8,
+    no control characters (a NUL cannot even be stored in PostgreSQL)."""
+    for name in TEXT_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if len(value) > MAX_TEXT_HEADER:
+            raise InvalidRequest(f"{name} is longer than {MAX_TEXT_HEADER} characters.", param=name)
+        if _CONTROL.search(value):
+            raise InvalidRequest(
+                f"{name} contains a control character or bytes that are not UTF-8.", param=name
+            )
 
 
 def is_public(request: Request) -> bool:

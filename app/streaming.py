@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -9,10 +10,14 @@ from typing import Any, Protocol, cast
 from sanic import Request
 from sanic.response import HTTPResponse
 
-from app.db.models import Status
+from app.db.models import FINISHED, Message, Status
 from app.errors import HaiaError, RelayedError
 from app.events import Event
+from app.relay import EndCheck
+from app.schemas import Usage
 from app.sse import DONE, PING, ChunkWriter
+
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -31,6 +36,31 @@ class StreamTarget:
             model=self.model,
             include_usage=self.include_usage,
         )
+
+
+def ended_in_database(completion_id: str) -> EndCheck:
+    """A follower's check that the generation is over: its stored row says it ended."""
+
+    async def check(last: int) -> Event | None:
+        try:
+            message = await Message.get_or_none(completion_id=completion_id, role="assistant")
+        except Exception as exc:  # noqa: BLE001 - the database away: ask again later
+            log.debug("stream end check failed (%s)", type(exc).__name__)
+            return None
+        if message is None or message.status not in FINISHED:
+            return None
+        log.warning("generation %s ended but its stream had no end; ending it", completion_id)
+        usage = Usage.of(message.prompt_tokens, message.completion_tokens)
+        return Event(
+            seq=last + 1,
+            type="end",
+            status=message.status.value,
+            finish_reason=message.finish_reason,
+            usage=usage.model_dump() if usage else None,
+            error=message.error,
+        )
+
+    return check
 
 
 def failure(event: Event) -> HaiaError:

@@ -111,6 +111,7 @@ def stack_env(
         "HAIA_LOG_LEVEL": "INFO",
         # Tests open many streams as one client; tests/test_e2e_limits.py sets the limits.
         "HAIA_MAX_CONCURRENT_PER_OWNER": "0",
+        "HAIA_MAX_STREAMS_PER_OWNER": "0",
         **extra,
     }
 

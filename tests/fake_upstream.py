@@ -26,6 +26,8 @@ that holds more than `tool_result` blocks), so tests drive it through HAIA like 
   `{"error": {...}}`; Anthropic: `{"type": "error", "error": {...}, "request_id"}`, with the
   error type Anthropic uses for that status); `fail=K`: only the first K such requests fail
   (counted per wire).
+- `echo_key` (with `status=` or `midfail=`): the error message carries the request's API key,
+  as a careless server's would.
 - `cut=N`: drop the connection after N content deltas; `hang`: never answer; `garbage`: answer
   an HTML page.
 - `midfail=N`: after N content deltas, an error inside the stream (OpenAI: a `data: {"error":
@@ -297,6 +299,22 @@ def received(request: Request, turn: Turn, wire: str) -> dict[str, str]:
     return options
 
 
+def _failure(status: int, request: Request, options: dict[str, str]) -> str:
+    """The error message; with `echo_key`, the credentials the request carried in it, as a
+    careless server would (HAIA must not pass them on to a log or a client)."""
+    if "echo_key" not in options:
+        return f"fake error {status}"
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+    return f"fake error {status}: Incorrect API key provided: {key}"
+
+
+def _midfail_message(request: Request, options: dict[str, str]) -> str:
+    if "echo_key" not in options:
+        return MIDFAIL_MESSAGE
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+    return f"{MIDFAIL_MESSAGE} (Incorrect API key provided: {key})"
+
+
 async def chat(request: Request) -> HTTPResponse | None:
     body = request.json
     turn = openai_turn(body)
@@ -315,7 +333,7 @@ async def chat(request: Request) -> HTTPResponse | None:
     if "status" in options:
         status = int(options["status"])
         kind = "overloaded_error" if status == 529 else "api_error"
-        return _openai_error(f"fake error {status}", kind, status, options)
+        return _openai_error(_failure(status, request, options), kind, status, options)
     plan = make_plan(turn, options)
     if isinstance(plan, str):
         return _openai_error(plan, "invalid_request_error", 400, {}, param="tools")
@@ -343,7 +361,7 @@ async def messages(request: Request) -> HTTPResponse | None:
     if "status" in options:
         status = int(options["status"])
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
-        return _anthropic_error(f"fake error {status}", kind, status, options)
+        return _anthropic_error(_failure(status, request, options), kind, status, options)
     missing = [name for name in ("model", "max_tokens", "messages") if name not in body]
     if missing:
         return _anthropic_error(f"{missing[0]}: Field required", "invalid_request_error", 400, {})
@@ -443,7 +461,8 @@ async def _openai_stream(
     if not await _content(plan, request, lambda token: delta({"content": token})):
         return
     if "midfail" in plan.options:
-        error = {"message": MIDFAIL_MESSAGE, "type": "api_error", "param": None, "code": None}
+        message = _midfail_message(request, plan.options)
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
         await response.send(f"data: {json.dumps({'error': error})}\n\n")
         await response.send("data: [DONE]\n\n")
         await response.eof()
@@ -569,7 +588,8 @@ async def _anthropic_stream(request: Request, body: dict[str, Any], plan: Plan, 
         ):
             return
     if "midfail" in plan.options:
-        await sse.event("error", _anthropic_error_body(MIDFAIL_MESSAGE, "api_error"))
+        failure = _midfail_message(request, plan.options)
+        await sse.event("error", _anthropic_error_body(failure, "api_error"))
         await sse.end()
         return
     if plan.tokens:

@@ -58,11 +58,15 @@ class Context:
 async def load_context(
     assistant: Message, *, limit: int, responses: dict[str, Any] | None = None
 ) -> Context:
-    """The conversation's system messages, then the last `limit` other messages before the new
-    turn and that turn (a user message, or tool results).
+    """The last `limit` messages before the new turn, and that turn (a user message, or tool
+    results); system messages count inside that budget. A Responses API turn (`responses`)
+    gets its whole chain instead.
 
-    Failed or empty assistant turns are left out: the model should not see them. A window that
-    would start with tool results whose call it cut off starts after them instead.
+    The conversation's latest system message is always sent: when it is older than the window,
+    it takes the window's oldest place (so the budget holds), and older system messages are
+    left out like any other old message. HAIA's own instructions are not stored and not
+    counted. Failed or empty assistant turns are left out: the model should not see them. A
+    window that would start with tool results whose call it cut off starts after them instead.
     """
     before = Message.filter(
         conversation_id=assistant.conversation_id,  # type: ignore[attr-defined]
@@ -75,9 +79,16 @@ async def load_context(
     )
     if responses is not None:
         return await _whole(before, assistant, responses)
-    system = await before.filter(role="system").order_by("id")
-    rows = await before.filter(role__not="system").order_by("-id").limit(limit + 1)
-    rows.reverse()
+    window = await before.order_by("-id").limit(limit + 1)
+    window.reverse()
+    system = [row for row in window if row.role == "system"]
+    rows = [row for row in window if row.role != "system"]
+    if not system:
+        latest = await before.filter(role="system").order_by("-id").first()
+        if latest is not None:
+            system = [latest]
+            if len(rows) > 1 and len(rows) + 1 > limit + 1:
+                rows.pop(0)
     while rows and rows[0].role == "tool":
         rows.pop(0)
     if not rows or rows[-1].role not in ("user", "tool"):

@@ -22,6 +22,7 @@ from app.db import close_database, open_database
 from app.embedded_redis import ensure_redis
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.logs import setup_logging
+from app.preflight import require_redis
 from app.publish import Batcher
 from workers.generate import generate
 from workers.heartbeat import Heartbeat
@@ -192,4 +193,5 @@ def main() -> None:
     settings = load_settings()
     setup_logging(settings, process="worker")
     redis_url = ensure_redis(settings)
+    require_redis(redis_url)
     create_worker(settings, redis_url=redis_url).run()

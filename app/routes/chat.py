@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -27,7 +28,7 @@ from app.generations import (
 )
 from app.inflight import Inflight
 from app.logs import request_id_var
-from app.openapi import errors, register, stream_events
+from app.openapi import errors, register, stream_events, text
 from app.relay import Follower
 from app.request_body import parse_body, read_body
 from app.schemas import (
@@ -38,9 +39,17 @@ from app.schemas import (
     ToolCall,
     Usage,
 )
-from app.streaming import StreamTarget, failure, first_event, open_stream, relay
+from app.streaming import (
+    StreamTarget,
+    ended_in_database,
+    failure,
+    first_event,
+    open_stream,
+    relay,
+)
 from app.tasks import is_task, is_title_prompt, title_from_answer
 from app.turns import (
+    MAX_CHAT_ID,
     Turn,
     abandon_turn,
     clip_title,
@@ -65,6 +74,9 @@ CHAT_ID_HEADER = "X-OpenWebUI-Chat-Id"
     "`X-Conversation-ID`. OpenWebUI background tasks (`### Task:`) are answered, not stored."
 )
 @openapi.body({"application/json": Component(ChatCompletionRequest)}, required=True)
+@openapi.parameter(CONVERSATION_HEADER, text(MAX_CHAT_ID), "header")
+@openapi.parameter(CHAT_ID_HEADER, text(MAX_CHAT_ID), "header")
+@openapi.parameter("X-OpenWebUI-User-Id", text(MAX_CHAT_ID), "header")
 @openapi.response(
     200,
     {
@@ -105,7 +117,10 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     model = await svc.catalog.resolve(body.model)
     await _admit(svc, request.ctx.owner)
     completion_id = new_completion_id()
-    async with svc.relay.follow(completion_id) as follower:
+    # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots from before its turn
+    # is stored (a refusal stores nothing) until it ends.
+    slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
+    async with slot, svc.relay.follow(completion_id) as follower:
         turn = await start_turn(
             owner=request.ctx.owner,
             completion_id=completion_id,
@@ -258,7 +273,7 @@ async def _stream(
     headers: dict[str, str],
 ) -> None:
     svc = services(request)
-    events = follower.events()
+    events = follower.events(ended=ended_in_database(turn.completion_id))
     pending = await _await_worker(svc, events, turn)
     first, model = await first_event(_chain(pending, events), turn.model)
     if first is not None and first.is_terminal and first.status == Status.FAILED:

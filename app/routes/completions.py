@@ -37,7 +37,7 @@ from app.schemas import (
     ToolCall,
     Usage,
 )
-from app.streaming import StreamTarget, open_stream, relay
+from app.streaming import StreamTarget, ended_in_database, open_stream, relay
 from app.turns import looks_like_completion_id
 
 bp = Blueprint("completions")
@@ -144,11 +144,11 @@ def _resume_point(request: Request) -> int:
 @openapi.parameter("Last-Event-ID", integer(minimum=0, maximum=MAX_SEQ), "header")
 @openapi.parameter("include_usage", bool, "query")
 @openapi.response(200, {"text/event-stream": stream_events()}, "SSE chunks, then [DONE]")
-@errors(400, 404, 503)
+@errors(400, 404, 429, 503)
 async def stream_completion(request: Request, completion_id: str) -> None:
     svc = services(request)
     after = _resume_point(request)
-    async with svc.relay.follow(completion_id) as follower:
+    async with svc.streams.hold(request.ctx.owner), svc.relay.follow(completion_id) as follower:
         message = await _message(request, completion_id)  # after subscribing: nothing can slip by
         model = message.model or ""
         if message.status not in FINISHED:  # a fallback may be answering
@@ -165,7 +165,8 @@ async def stream_completion(request: Request, completion_id: str) -> None:
             await relay(response, target, stored_events(message, after), send_role=after == 0)
             return
         response = await open_stream(request, headers)
-        await relay(response, target, follower.events(after=after), send_role=after == 0)
+        events = follower.events(after=after, ended=ended_in_database(completion_id))
+        await relay(response, target, events, send_role=after == 0)
 
 
 async def stored_events(message: Message, after: int = 0) -> AsyncGenerator[Event | None, None]:

@@ -35,11 +35,39 @@ async def _check(probe: Any) -> tuple[Any, str | None]:
         return None, type(exc).__name__
 
 
+UPSTREAM_PROBE_INTERVAL = 10.0
+"""Seconds a probe of the upstream answers `/health` for: however often `/health` is asked,
+the upstream gets at most one request per interval from each web process."""
+
+
+class _UpstreamProbe:
+    """The last upstream check, shared by every `/health` request of this process."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._at = -UPSTREAM_PROBE_INTERVAL
+        self._check: Check | None = None
+
+    async def check(self, svc: Services) -> Check:
+        async with self._lock:  # concurrent requests wait for the one probe in flight
+            loop = asyncio.get_running_loop()
+            if self._check is None or loop.time() - self._at >= UPSTREAM_PROBE_INTERVAL:
+                self._check = await _upstream(svc)
+                self._at = loop.time()
+            return self._check.model_copy()
+
+
+_probe = _UpstreamProbe()
+
+
 async def _upstream(svc: Services) -> Check:
-    models = await svc.catalog.models()
-    reachable = bool(models) and not svc.catalog.all_unreachable
+    models, error = await _check(svc.catalog.models())
+    models = models or []
+    reachable = bool(models) and not svc.catalog.all_unreachable and error is None
     check = Check(status="ok" if reachable else "unreachable", models=len(models))
-    if svc.catalog.upstream_errors:
+    if error:
+        check.detail = f"model discovery {error}"
+    elif svc.catalog.upstream_errors:
         check.detail = "; ".join(svc.catalog.upstream_errors)
     return check
 
@@ -73,7 +101,7 @@ async def health(request: Request) -> HTTPResponse:
         "database": Check(status="ok" if database is None else "down", detail=database),
         "redis": Check(status="ok" if redis is None else "down", detail=redis),
         "workers": await _workers(svc, redis),
-        "upstream": await _upstream(svc),
+        "upstream": await _probe.check(svc),
     }
     ready = all(checks[name].status == "ok" for name in ("database", "redis", "workers"))
     report = HealthReport(
