@@ -193,8 +193,11 @@ async def start_turn(
             elif head is not None:
                 conversation = await _branch(conversation, owner=owner, chat_id=chat_id)
             if not conversation.title:
-                conversation.title = title_from(messages)
-            await conversation.save(update_fields=["title", "updated_at"])
+                # Only where still untitled: a title task racing this turn may have named it.
+                await Conversation.filter(id=conversation.id, title="").update(
+                    title=title_from(messages)
+                )
+            await conversation.save(update_fields=["updated_at"])
         await _store_messages(conversation, incoming, offset=len(messages) - len(incoming))
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created

@@ -133,16 +133,6 @@ class OpenWebUI:
         self.user_id = ""
         self.models: dict[str, dict[str, Any]] = {}
 
-    async def sign_in(self) -> None:
-        response = await self.http.post(
-            "/api/v1/auths/signin",
-            json={"email": "admin@example.com", "password": "admin-password-1"},
-        )
-        response.raise_for_status()
-        body = response.json()
-        self.user_id = body["id"]
-        self.http.headers["Authorization"] = f"Bearer {body['token']}"
-
     async def set_api_type(self, api_type: str) -> None:
         """The admin's connection setting: `responses`, or chat completions (`chat`)."""
         config = (await self.http.get("/openai/config")).json()
@@ -284,11 +274,24 @@ def owui_proc(
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def owui_token(owui_proc: tuple[str, Proc]) -> dict[str, str]:
+    """The admin's session, signed in once (OpenWebUI rate-limits sign-ins)."""
+    response = httpx.post(
+        f"{owui_proc[0]}/api/v1/auths/signin",
+        json={"email": "admin@example.com", "password": "admin-password-1"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return {"id": response.json()["id"], "token": response.json()["token"]}
+
+
 @pytest.fixture
-async def owui(owui_proc: tuple[str, Proc]) -> AsyncIterator[OpenWebUI]:
+async def owui(owui_proc: tuple[str, Proc], owui_token: dict[str, str]) -> AsyncIterator[OpenWebUI]:
     async with httpx.AsyncClient(base_url=owui_proc[0], timeout=30) as http:
         client = OpenWebUI(owui_proc[0], http)
-        await client.sign_in()
+        client.user_id = owui_token["id"]
+        http.headers["Authorization"] = f"Bearer {owui_token['token']}"
         yield client
 
 
