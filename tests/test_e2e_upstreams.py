@@ -536,3 +536,18 @@ async def test_a_fallback_after_keepalives_still_names_the_model_that_answered(
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert content_of(frames) == "Echo: (late)"  # gpubox ignores directives for other models
     assert len(await _asked(http, fakes.laptop, text)) == 1
+
+
+async def test_responses_api_falls_back_and_names_the_model_that_answered(
+    sdk: AsyncOpenAI,
+) -> None:
+    text = "#fake status=529 only=claude-fake (responses)"
+    stream = await sdk.responses.create(model="careful", input=text, stream=True)
+    events = [event async for event in stream]
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert final.response.model == "laptop:phi4"
+    assert final.response.output_text == "Echo: (responses)"
+    assert sum(1 for e in events if e.type == "response.in_progress") == 1
+    again = await sdk.responses.retrieve(final.response.id)
+    assert again.model == "laptop:phi4"

@@ -59,8 +59,8 @@ async def load_context(
     assistant: Message, *, limit: int, responses: dict[str, Any] | None = None
 ) -> Context:
     """The last `limit` messages before the new turn, and that turn (a user message, or tool
-    results); system messages count inside that budget. A Responses API turn (`responses`)
-    gets its whole chain instead.
+    results); system messages count inside that budget. With `responses` (a Responses API
+    turn), the whole conversation instead (see `_whole`).
 
     The conversation's latest system message is always sent: when it is older than the window,
     it takes the window's oldest place (so the budget holds), and older system messages are

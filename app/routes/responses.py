@@ -7,6 +7,7 @@ requests are translated by `app.responses_schema`, events encoded by `app.respon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -179,7 +180,9 @@ async def create_response(request: Request) -> HTTPResponse | None:
             store=body.store,
         )
 
-    async with svc.relay.follow(response_id) as follower:
+    # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots, as on chat.
+    slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
+    async with slot, svc.relay.follow(response_id) as follower:
         if after is not None or not body.store:
             turn = await start_chain_turn(
                 owner=request.ctx.owner,
@@ -409,7 +412,7 @@ def _flag(request: Request, name: str) -> bool:
     "The response object (status queued, in_progress, completed, incomplete, failed or "
     "cancelled), or its events after starting_after, live until the end",
 )
-@errors(400, 404, 503)
+@errors(400, 404, 429, 503)
 async def get_response(request: Request, response_id: str) -> HTTPResponse | None:
     svc = services(request)
     stream = _flag(request, "stream")
@@ -419,7 +422,7 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse | Non
         if not stored.store:
             raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
         return json_response(await _current(svc, stored, message))
-    async with svc.relay.follow(response_id) as follower:
+    async with svc.streams.hold(request.ctx.owner), svc.relay.follow(response_id) as follower:
         try:  # after subscribing: nothing can slip by
             stored, message = await _stored(request, response_id)
         except NotFound:
