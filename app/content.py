@@ -92,7 +92,11 @@ def stored_identity(
         extra["images"] = [_image_identity(url) for url in images]
     if tool_calls:
         extra["tool_calls"] = [
-            [call["id"], call["function"]["name"], call["function"]["arguments"]]
+            [
+                call["id"],
+                call["function"]["name"],
+                _arguments_identity(call["function"]["arguments"]),
+            ]
             for call in tool_calls
         ]
     if tool_call_id:
@@ -100,6 +104,15 @@ def stored_identity(
     if not extra:
         return text
     return text + "\x1e" + json.dumps(extra, sort_keys=True, separators=(",", ":"))
+
+
+def _arguments_identity(arguments: str) -> str:
+    """Tool call arguments as JSON compares them: clients resend them re-serialized (OpenWebUI
+    turns a model's `{"a": 1}` into `{"a":1}`), which must not make a history look edited."""
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        return arguments
 
 
 def _image_identity(url: str) -> str:

@@ -149,6 +149,7 @@ class ResponsesRequest(BaseModel):
             chat["max_tokens"] = self.max_output_tokens
         if self.reasoning is not None and self.reasoning.effort in _EFFORTS:
             chat["reasoning_effort"] = self.reasoning.effort
+        chat.update(self._chat_names(chat))
         response_format = self._response_format()
         if response_format is not None:
             chat["response_format"] = response_format
@@ -163,6 +164,20 @@ class ResponsesRequest(BaseModel):
         options = request.options()
         options["responses"] = {"instructions": self.instruction_text()}
         return options
+
+    def _chat_names(self, chat: dict[str, Any]) -> dict[str, Any]:
+        """`reasoning_effort` and `seed` under their chat completions names, as OpenWebUI's
+        Responses connection sends its chat's parameters: passed on where valid (a
+        `reasoning.effort` wins), else accepted and left out like any unknown field."""
+        extra = self.model_extra or {}
+        found: dict[str, Any] = {}
+        effort = extra.get("reasoning_effort")
+        if "reasoning_effort" not in chat and isinstance(effort, str) and effort in _EFFORTS:
+            found["reasoning_effort"] = effort
+        seed = extra.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool) and abs(seed) < 2**63:
+            found["seed"] = seed
+        return found
 
     def _tool_choice(self) -> str | dict[str, Any] | None:
         choice = self.tool_choice

@@ -22,9 +22,9 @@ def is_task(body: ChatCompletionRequest) -> bool:
     return body.messages[0].text.lstrip().startswith(TASK_PREFIX)
 
 
-def is_title_task(body: ChatCompletionRequest) -> bool:
-    head = body.messages[0].text.lstrip()[:400].lower()
-    return "title" in head
+def is_title_prompt(text: str) -> bool:
+    """A task prompt asking for the chat's title (whichever API it came over)."""
+    return "title" in text.lstrip()[:400].lower()
 
 
 def title_from_answer(answer: str) -> str:

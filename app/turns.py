@@ -193,8 +193,11 @@ async def start_turn(
             elif head is not None:
                 conversation = await _branch(conversation, owner=owner, chat_id=chat_id)
             if not conversation.title:
-                conversation.title = title_from(messages)
-            await conversation.save(update_fields=["title", "updated_at"])
+                # Only where still untitled: a title task racing this turn may have named it.
+                await Conversation.filter(id=conversation.id, title="").update(
+                    title=title_from(messages)
+                )
+            await conversation.save(update_fields=["updated_at"])
         await _store_messages(conversation, incoming, offset=len(messages) - len(incoming))
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created
@@ -230,10 +233,24 @@ async def start_chain_turn(
             if later or own:
                 conversation = await _fork(conversation, owner=owner, upto=after.id)
             await conversation.save(update_fields=["updated_at"])
+        if after is not None and messages and _restates(messages[0], after):
+            messages = messages[1:]
         await _store_messages(conversation, messages, offset=0)
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created
         )
+
+
+def _restates(message: ChatMessage, after: Message) -> bool:
+    """`message` only repeats `after`, the turn it continues: its tool calls, as a client
+    resends them with their results (OpenWebUI's stateful Responses mode). Stored once."""
+    if message.role != "assistant" or not message.tool_calls or not after.tool_calls:
+        return False
+    ids = [call.id for call in message.tool_calls]
+    return ids == [call.get("id") for call in after.tool_calls] and message.text in (
+        "",
+        after.content or "",
+    )
 
 
 async def _store_messages(

@@ -22,15 +22,21 @@ REDIS_BASE = SERVICES.redis_base
 REDIS_URL = f"{REDIS_BASE}/9"
 POSTGRES_URL = SERVICES.postgres_url
 
+OPT_IN = {"codex": "HAIA_TEST_CODEX", "openwebui": "HAIA_TEST_OPENWEBUI"}
+"""Markers of tests that run a heavy real client, and the variable that also opts them in."""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `codex` (the real Codex CLI, installed from npm) run only when asked for."""
-    if "codex" in str(config.getoption("markexpr", "")) or os.environ.get("HAIA_TEST_CODEX"):
-        return
-    skip = pytest.mark.skip(reason="the Codex CLI test is opt-in: -m codex or HAIA_TEST_CODEX=1")
-    for item in items:
-        if item.get_closest_marker("codex") is not None:
-            item.add_marker(skip)
+    """Tests marked `codex` (the real Codex CLI, installed from npm) or `openwebui` (the real
+    OpenWebUI, installed from PyPI) run only when asked for: `-m <marker>` or its variable."""
+    expression = str(config.getoption("markexpr", ""))
+    for marker, variable in OPT_IN.items():
+        if marker in expression or os.environ.get(variable):
+            continue
+        skip = pytest.mark.skip(reason=f"the {marker} test is opt-in: -m {marker} or {variable}=1")
+        for item in items:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -197,6 +197,43 @@ async def test_title_task_racing_the_first_turn_lands_in_one_conversation(
     assert detail["title"] == "Homelab Chat"
 
 
+async def test_title_task_over_responses_names_the_chats_conversation(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI's Responses connection: the same title task as `input`, then the turn."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-responses-title"}
+    url = f"{stack.base_url}/v1/responses"
+
+    def item(text: str) -> Msg:
+        return {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        }
+
+    task = await http.post(
+        url,
+        json={
+            "model": "ollama:fake-model",
+            "input": [item(TITLE_TASK + "USER: hello")],
+            "max_output_tokens": 1000,
+            "stream": False,
+        },
+        headers=headers,
+    )
+    assert task.status_code == 200, task.text
+    assert task.json()["output"][0]["content"][0]["text"] == '{"title": "Homelab Chat"}'
+    conversation_id = task.headers["x-conversation-id"]
+    turn = await http.post(
+        url, json={"model": "ollama:fake-model", "input": [item("hello")]}, headers=headers
+    )
+    assert turn.status_code == 200, turn.text
+    assert turn.headers["x-conversation-id"] == conversation_id
+    assert await stored(stack, conversation_id) == [("user", "hello"), ("assistant", "Echo: hello")]
+    detail = (await http.get(f"{stack.base_url}/v1/conversations/{conversation_id}")).json()
+    assert detail["title"] == "Homelab Chat"
+
+
 async def test_task_model_routes_tasks(
     make_stack: Callable[..., Stack], http: httpx.AsyncClient
 ) -> None:
@@ -327,3 +364,95 @@ async def test_owners_cannot_see_each_other(
     assert "key-one-secret" not in logs and "key-two-secret" not in logs
     rows = await dbcheck.query(stack.database_url, "SELECT owner FROM haia_conversation")
     assert all("secret" not in row["owner"] for row in rows)
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_timestamp",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+
+
+async def test_a_tool_round_trip_resent_re_serialized_stays_one_conversation(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI resends a tool call's arguments re-serialized (`{"query":"tok 0","n":0}` for
+    the model's `{"query": "tok 0", "n": 0}`): the same call, not an edited history."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-tool-chat", "X-OpenWebUI-User-Id": "u-tools"}
+    question = user("What time is it? #fake call=1")
+    body = {"model": "ollama:fake-model", "messages": [question], "tools": [TOOL]}
+    url = f"{stack.base_url}/v1/chat/completions"
+    first = await http.post(url, json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    conversation_id = first.headers["x-conversation-id"]
+    call = first.json()["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"]["arguments"] == '{"query": "tok 0", "n": 0}'
+    resent = {**call, "function": {**call["function"], "arguments": '{"query":"tok 0","n":0}'}}
+    messages = [
+        question,
+        {"role": "assistant", "content": "", "tool_calls": [resent]},
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"now": 1}'},
+    ]
+    second = await http.post(url, json={**body, "messages": messages}, headers=headers)
+    assert second.status_code == 200, second.text
+    assert second.headers["x-conversation-id"] == conversation_id
+    assert second.json()["choices"][0]["message"]["content"] == (
+        "Echo: What time is it? [tool results: 1]"
+    )
+    rows = await dbcheck.messages(stack.database_url, conversation_id)
+    assert [r["role"] for r in rows] == ["user", "assistant", "tool", "assistant"]
+
+
+async def test_a_stateful_tool_follow_up_repeating_the_call_stores_it_once(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """OpenWebUI's Responses connection with ENABLE_RESPONSES_API_STATEFUL: the tool follow-up
+    carries `previous_response_id` AND the call it answers again, then the next turn resends
+    the whole chat. The call is stored and shown to the model once; the chat stays one
+    conversation."""
+    headers = {"X-OpenWebUI-Chat-Id": "owui-stateful-tools"}
+    url = f"{stack.base_url}/v1/responses"
+    tool = {"type": "function", "name": "get_current_timestamp", "parameters": {}}
+    question = {"type": "message", "role": "user", "content": "Time? #fake call=1"}
+    base = {"model": "ollama:fake-model", "tools": [tool]}
+    first = await http.post(url, json={**base, "input": [question]}, headers=headers)
+    assert first.status_code == 200, first.text
+    conversation_id = first.headers["x-conversation-id"]
+    call = first.json()["output"][0]
+    assert call["type"] == "function_call"
+    repeated = {
+        "type": "function_call",
+        "call_id": call["call_id"],
+        "name": call["name"],
+        "arguments": '{"query":"tok 0","n":0}',
+    }
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "{}"}
+    await stack.forget_upstream_requests()
+    follow_up = await http.post(
+        url,
+        json={**base, "input": [repeated, result], "previous_response_id": first.json()["id"]},
+        headers=headers,
+    )
+    assert follow_up.status_code == 200, follow_up.text
+    assert follow_up.headers["x-conversation-id"] == conversation_id
+    answer = follow_up.json()["output"][0]["content"][0]["text"]
+    asked = (await stack.upstream_requests())[-1]["body"]["messages"]
+    assert [m["role"] for m in asked] == ["user", "assistant", "tool"]
+    reply = {"type": "message", "role": "assistant", "content": answer}
+    again = {"type": "message", "role": "user", "content": "Thanks."}
+    last = await http.post(
+        url, json={**base, "input": [question, repeated, result, reply, again]}, headers=headers
+    )
+    assert last.status_code == 200, last.text
+    assert last.headers["x-conversation-id"] == conversation_id
+    rows = await dbcheck.messages(stack.database_url, conversation_id)
+    assert [r["role"] for r in rows] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+        "assistant",
+    ]

@@ -47,7 +47,7 @@ from app.streaming import (
     open_stream,
     relay,
 )
-from app.tasks import is_task, is_title_task, title_from_answer
+from app.tasks import is_task, is_title_prompt, title_from_answer
 from app.turns import (
     MAX_CHAT_ID,
     Turn,
@@ -160,7 +160,6 @@ async def _answer_task(
     request: Request, svc: Services, body: ChatCompletionRequest
 ) -> HTTPResponse:
     model = svc.settings.task_model or await svc.catalog.resolve(body.model)
-    chat_id = request.headers.get(CHAT_ID_HEADER) or None
     turn = Turn(
         conversation_id="", completion_id=new_completion_id(), model=model, created=int(time.time())
     )
@@ -174,16 +173,27 @@ async def _answer_task(
             messages=[(m.role, m.text) for m in body.messages],
         )
         completion = await _collect(svc, follower, turn)
-    headers = {}
-    if chat_id is not None:
-        # The title task comes just before the chat's first turn: both land in one conversation.
-        conversation = await conversation_for_chat(request.ctx.owner, chat_id)
-        headers[CONVERSATION_HEADER] = conversation.id
-        title = title_from_answer(completion.choices[0].message.content or "")
-        if is_title_task(body) and title:
-            conversation.title, conversation.title_from_task = clip_title(title), True
-            await conversation.save(update_fields=["title", "title_from_task", "updated_at"])
+    headers = await task_chat(
+        request,
+        prompt=body.messages[0].text,
+        answer=completion.choices[0].message.content or "",
+    )
     return json_response(completion.model_dump(mode="json"), headers=headers)
+
+
+async def task_chat(request: Request, *, prompt: str, answer: str) -> dict[str, str]:
+    """A task of a client chat (`X-OpenWebUI-Chat-Id`), on either API: the chat's conversation
+    (its header), named by a title task's answer. The title task comes just before the chat's
+    first turn: both land in one conversation."""
+    chat_id = request.headers.get(CHAT_ID_HEADER) or None
+    if chat_id is None:
+        return {}
+    conversation = await conversation_for_chat(request.ctx.owner, chat_id)
+    title = title_from_answer(answer)
+    if is_title_prompt(prompt) and title:
+        conversation.title, conversation.title_from_task = clip_title(title), True
+        await conversation.save(update_fields=["title", "title_from_task", "updated_at"])
+    return {CONVERSATION_HEADER: conversation.id}
 
 
 async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> None:

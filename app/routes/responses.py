@@ -37,7 +37,14 @@ from app.responses_schema import (
     ResponsesRequest,
 )
 from app.responses_wire import ResponseEncoder, ResponseStream
-from app.routes.chat import CHAT_ID_HEADER, CONVERSATION_HEADER, _admit, _await_worker, _enqueue
+from app.routes.chat import (
+    CHAT_ID_HEADER,
+    CONVERSATION_HEADER,
+    _admit,
+    _await_worker,
+    _enqueue,
+    task_chat,
+)
 from app.routes.completions import MAX_SEQ, stop_generation, stored_events
 from app.streaming import failure, open_stream, relay_encoded
 from app.turns import Turn, start_chain_turn, start_turn
@@ -320,7 +327,15 @@ async def _answer_task(
     async with svc.relay.follow(response_id) as follower:
         await _enqueue(svc, turn, "run_task", options=options, model_id=model, messages=messages)
         events = await _collect(svc, follower, turn)
-    return json_response(_encoded(meta, events).response())
+    answered = _encoded(meta, events).response()
+    answer = "".join(
+        str(part.get("text") or "")
+        for item in answered["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+    )
+    headers = await task_chat(request, prompt=messages[-1][1], answer=answer)
+    return json_response(answered, headers=headers)
 
 
 # -- a response after its request ----------------------------------------------------------
