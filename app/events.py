@@ -14,7 +14,16 @@ from typing import Any, Literal
 
 EventType = Literal["start", "delta", "end"]
 
-_OPTIONAL = ("status", "model", "finish_reason", "usage", "error", "http_status", "retry_after")
+_OPTIONAL = (
+    "status",
+    "model",
+    "finish_reason",
+    "usage",
+    "error",
+    "http_status",
+    "retry_after",
+    "at",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +48,9 @@ class Event:
     http_status: int | None = None
     """For a failed `end`: the HTTP status a client that has not started reading gets."""
     retry_after: float | None = None
+    at: int | None = None
+    """On `end`: when the generation ended (Unix seconds), the same instant the row stores,
+    so every encoding of the end (live, resumed, retrieved) names one time."""
 
     @property
     def is_terminal(self) -> bool:

@@ -143,6 +143,14 @@ class Ending:
     error_detail: dict[str, Any] | None = None
     model: str | None = None
     """The model that answered (stored on the row), when one did."""
+    finished_at: datetime | None = None
+    """When it ended: fixed by the first of storing or announcing it, so the row and the
+    `end` event name the same instant."""
+
+    def ended_at(self) -> datetime:
+        if self.finished_at is None:
+            self.finished_at = datetime.now(UTC)
+        return self.finished_at
 
     def usage(self) -> dict[str, Any] | None:
         usage = Usage.of(self.prompt_tokens, self.completion_tokens)
@@ -167,6 +175,7 @@ class Ending:
             error=self.detail(),
             http_status=self.error.status if self.error else None,
             retry_after=self.error.retry_after if self.error else None,
+            at=int(self.ended_at().timestamp()),
         )
 
     @classmethod
@@ -184,6 +193,7 @@ class Ending:
             completion_tokens=usage.get("completion_tokens"),
             error_detail=end.error,
             model=answering_model(events),
+            finished_at=datetime.fromtimestamp(end.at, UTC) if end.at is not None else None,
         )
 
 
@@ -312,7 +322,7 @@ async def store_ending(
 
 
 async def _store(message: Message, ending: Ending, token: int | None) -> bool:
-    finished_at = datetime.now(UTC)
+    finished_at = ending.ended_at()
     prefix_hash = None
     if (ending.text or ending.tool_calls) and ending.previous_hash is not None:
         prefix_hash = digest(

@@ -212,6 +212,8 @@ class ResponsesRequest(BaseModel):
         fmt: dict[str, Any] = {"type": "text"}
         if self.text is not None and self.text.format is not None:
             fmt = self.text.format.model_dump(by_alias=True, exclude_none=True)
+            if fmt.get("type") == "json_schema":  # the spec requires both, null allowed
+                fmt = {"description": None, "strict": False, **fmt}
         reasoning = None
         if self.reasoning is not None:
             reasoning = {"effort": self.reasoning.effort, "summary": self.reasoning.summary}
@@ -227,7 +229,9 @@ class ResponsesRequest(BaseModel):
             "tools": [
                 {
                     "type": "function",
-                    "name": tool["name"],
+                    # as the client declared it: calls come back under that name too
+                    "name": tool["original"],
+                    **({"namespace": tool["namespace"]} if tool.get("namespace") else {}),
                     "description": tool.get("description"),
                     "parameters": tool.get("parameters"),
                     "strict": tool.get("strict"),

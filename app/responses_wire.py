@@ -439,7 +439,7 @@ class ResponseEncoder:
         self.ended = True
         self.model = event.model or self.model
         if self._completed_at is None:
-            self._completed_at = int(time.time())
+            self._completed_at = event.at if event.at is not None else int(time.time())
         self.usage = _usage(event.usage, self._reasoning_deltas)
         status = event.status or "failed"
         if status == "completed" and event.finish_reason == "length":

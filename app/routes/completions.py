@@ -193,6 +193,7 @@ async def stored_events(message: Message, after: int = 0) -> AsyncGenerator[Even
         finish_reason=message.finish_reason,
         usage=usage.model_dump() if usage else None,
         error=message.error,
+        at=int(message.finished_at.timestamp()) if message.finished_at else None,
     )
 
 
