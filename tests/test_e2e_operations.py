@@ -177,15 +177,19 @@ async def test_metrics_count_requests_generations_tokens_and_first_tokens(
     assert stored.status_code == 200
 
     async def counted() -> Samples:
-        for _ in range(100):
+        # The worker records a generation just after announcing its end, and the web counts
+        # a request after answering it: both may land a moment after the client is done.
+        route = "/v1/chat/completions/{completion_id}"
+        for _ in range(200):
             after = await scrape(http, ops.base_url)
-            route = "/v1/chat/completions/{completion_id}"
             if value(after, "haia_http_requests_total", route=route, status="200") > value(
                 before, "haia_http_requests_total", route=route, status="200"
+            ) and value(after, "haia_generations_total", model=model, status="completed") > value(
+                before, "haia_generations_total", model=model, status="completed"
             ):
                 return after
             await asyncio.sleep(0.05)
-        raise AssertionError("the retrieval was never counted")
+        raise AssertionError("the retrieval or the generation was never counted")
 
     after = await counted()
 
