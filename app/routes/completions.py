@@ -121,8 +121,9 @@ def _flag(request: Request, name: str) -> bool:
     return raw.lower() in ("true", "1")
 
 
-def _resume_point(request: Request) -> int:
-    """`?starting_after=N`, else `Last-Event-ID: N`, else 0; each must be a whole number."""
+def resume_point(request: Request, *, default: int = 0) -> int:
+    """`?starting_after=N`, else `Last-Event-ID: N`, else `default`; each must be a whole
+    number (ASCII digits: `²` passes `isdigit()` and fails `int()`)."""
     given = {
         "starting_after": request.args.get("starting_after"),
         "Last-Event-ID": request.headers.get("Last-Event-ID"),
@@ -132,8 +133,8 @@ def _resume_point(request: Request) -> int:
             raw.strip().isascii() and raw.strip().isdigit() and int(raw) <= MAX_SEQ
         ):
             raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_SEQ}.", param=name)
-    chosen = given["starting_after"] or given["Last-Event-ID"] or "0"
-    return int(chosen.strip())
+    chosen = given["starting_after"] or given["Last-Event-ID"]
+    return int(chosen.strip()) if chosen is not None else default
 
 
 @bp.get("/v1/chat/completions/<completion_id:str>/stream")
@@ -147,7 +148,7 @@ def _resume_point(request: Request) -> int:
 @errors(400, 404, 429, 503)
 async def stream_completion(request: Request, completion_id: str) -> None:
     svc = services(request)
-    after = _resume_point(request)
+    after = resume_point(request)
     async with svc.streams.hold(request.ctx.owner), svc.relay.follow(completion_id) as follower:
         message = await _message(request, completion_id)  # after subscribing: nothing can slip by
         model = message.model or ""

@@ -45,7 +45,7 @@ from app.routes.chat import (
     _enqueue,
     task_chat,
 )
-from app.routes.completions import MAX_SEQ, stop_generation, stored_events
+from app.routes.completions import MAX_SEQ, resume_point, stop_generation, stored_events
 from app.streaming import failure, open_stream, relay_encoded
 from app.turns import Turn, start_chain_turn, start_turn
 
@@ -377,21 +377,6 @@ async def _current(svc: Services, stored: StoredResponse, message: Message) -> d
     return body
 
 
-def _resume_after(request: Request) -> int:
-    """`?starting_after=N`, else `Last-Event-ID: N`, else -1 (everything)."""
-    given = {
-        "starting_after": request.args.get("starting_after"),
-        "Last-Event-ID": request.headers.get("Last-Event-ID"),
-    }
-    for name, raw in given.items():
-        if raw is not None and not (
-            raw.strip().isascii() and raw.strip().isdigit() and int(raw) <= MAX_SEQ
-        ):
-            raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_SEQ}.", param=name)
-    chosen = given["starting_after"] or given["Last-Event-ID"]
-    return int(chosen.strip()) if chosen is not None else -1
-
-
 def _flag(request: Request, name: str) -> bool:
     raw = request.args.get(name)
     if raw is None:
@@ -416,7 +401,7 @@ def _flag(request: Request, name: str) -> bool:
 async def get_response(request: Request, response_id: str) -> HTTPResponse | None:
     svc = services(request)
     stream = _flag(request, "stream")
-    after = _resume_after(request)
+    after = resume_point(request, default=-1)
     if not stream:
         stored, message = await _stored(request, response_id)
         if not stored.store:
