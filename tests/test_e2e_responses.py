@@ -270,7 +270,9 @@ async def test_namespace_tools_come_back_under_their_declared_names(
     )
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert (call.namespace, call.name) == ("crm", "lookup_customer")
-    assert response.tools[0].name == "crm__lookup_customer"  # type: ignore[union-attr]
+    # Echoed as declared (the model saw the flattened name, below).
+    assert response.tools[0].name == "lookup_customer"  # type: ignore[union-attr]
+    assert response.model_dump()["tools"][0]["namespace"] == "crm"
     # The Codex CLI's next turn: the whole conversation again, store false, its reasoning
     # items replayed with content null, developer instructions, the namespace call.
     followup = await sdk.responses.create(
