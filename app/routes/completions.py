@@ -112,7 +112,8 @@ async def get_completion(request: Request, completion_id: str) -> HTTPResponse:
     return json_response(completion.model_dump(mode="json"))
 
 
-def _flag(request: Request, name: str) -> bool:
+def flag(request: Request, name: str) -> bool:
+    """A `true`/`false` (or `1`/`0`) query parameter; absent is false."""
     raw = request.args.get(name)
     if raw is None:
         return False
@@ -158,7 +159,7 @@ async def stream_completion(request: Request, completion_id: str) -> None:
             completion_id=completion_id,
             model=model,
             created=int(message.created_at.timestamp()),
-            include_usage=_flag(request, "include_usage"),
+            include_usage=flag(request, "include_usage"),
         )
         headers = {"X-Conversation-ID": str(message.conversation_id)}  # type: ignore[attr-defined]
         if message.status in FINISHED and not await follower.has_log():

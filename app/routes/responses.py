@@ -45,7 +45,7 @@ from app.routes.chat import (
     _enqueue,
     task_chat,
 )
-from app.routes.completions import MAX_SEQ, resume_point, stop_generation, stored_events
+from app.routes.completions import MAX_SEQ, flag, resume_point, stop_generation, stored_events
 from app.streaming import failure, open_stream, relay_encoded
 from app.turns import Turn, start_chain_turn, start_turn
 
@@ -377,15 +377,6 @@ async def _current(svc: Services, stored: StoredResponse, message: Message) -> d
     return body
 
 
-def _flag(request: Request, name: str) -> bool:
-    raw = request.args.get(name)
-    if raw is None:
-        return False
-    if raw.lower() not in ("true", "false", "1", "0"):
-        raise InvalidRequest(f"{name} must be true or false.", param=name)
-    return raw.lower() in ("true", "1")
-
-
 @bp.get("/v1/responses/<response_id:str>")
 @openapi.summary("Retrieve a response; with stream=true, (re)attach to its events")
 @openapi.parameter("stream", bool, "query")
@@ -400,7 +391,7 @@ def _flag(request: Request, name: str) -> bool:
 @errors(400, 404, 429, 503)
 async def get_response(request: Request, response_id: str) -> HTTPResponse | None:
     svc = services(request)
-    stream = _flag(request, "stream")
+    stream = flag(request, "stream")
     after = resume_point(request, default=-1)
     if not stream:
         stored, message = await _stored(request, response_id)
