@@ -11,6 +11,7 @@ import uuid
 from signal import Signals
 from typing import Any
 
+import uvloop
 from arq.connections import RedisSettings
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -190,6 +191,9 @@ def create_worker(settings: Settings, *, redis_url: str, burst: bool = False) ->
 
 
 def main() -> None:
+    # uvloop, as the web runs on (Sanic picks it): its C event loop and transports halve the
+    # cost of every socket read and write on the per-token path.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     settings = load_settings()
     setup_logging(settings, process="worker")
     redis_url = ensure_redis(settings)

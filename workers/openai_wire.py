@@ -16,8 +16,11 @@ translation of pydantic-ai's errors.
 from __future__ import annotations
 
 import json
+import urllib.request
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -69,7 +72,9 @@ class OpenAIWire:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                trust_env=True,  # HTTP(S)_PROXY, as the SDKs honour them
+                # HTTP(S)_PROXY are honoured as the SDKs honour them, but looked up once per
+                # upstream (`_proxy_for`): aiohttp's trust_env reads ~/.netrc on every request.
+                trust_env=False,
             )
         return self._session
 
@@ -86,7 +91,9 @@ class OpenAIWire:
         url = endpoint.upstream.openai_base_url.rstrip("/") + "/chat/completions"
         server = f"The model's server ({endpoint.provider})"
         try:
-            async with self._client().post(url, json=body, headers=headers) as response:
+            async with self._client().post(
+                url, json=body, headers=headers, proxy=_proxy_for(url)
+            ) as response:
                 if response.status != 200:
                     raw = await response.read()
                     raise _status_error(endpoint, body, response.status, response.headers, raw)
@@ -99,6 +106,15 @@ class OpenAIWire:
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{server} closed the connection.") from exc
+
+
+@lru_cache(maxsize=64)
+def _proxy_for(url: str) -> str | None:
+    """The proxy of HTTP_PROXY / HTTPS_PROXY / NO_PROXY for `url`, or None."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
 
 
 async def _read(endpoint: Endpoint, response: aiohttp.ClientResponse, sink: Any) -> dict[str, Any]:
