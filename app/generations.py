@@ -28,6 +28,7 @@ from tortoise.exceptions import BaseORMException
 from app import keys
 from app.config import Settings
 from app.content import stored_identity
+from app.db import raw
 from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event, answering_model
@@ -224,9 +225,9 @@ async def take_fence(
     changes: dict[str, Any] = {"attempt": token}
     if status is not None:
         changes.update(status=status, started_at=datetime.now(UTC))
-    claimed = await Message.filter(
-        id=message.id, attempt=message.attempt, status__in=list(only_if)
-    ).update(**changes)
+    claimed = await raw.update(
+        Message, changes, id=message.id, attempt=message.attempt, status=only_if
+    )
     if not claimed:
         return None
     try:
@@ -345,12 +346,10 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
             "assistant",
             stored_identity(ending.text, tool_calls=ending.tool_calls),
         )
-    row = Message.filter(id=message.id, status__in=list(ACTIVE))
-    if token is not None:
-        row = row.filter(attempt=token)
+    held = {"attempt": token} if token is not None else {}
     answered = {"model": ending.model} if ending.model else {}
-    stored = await row.update(
-        **answered,
+    changes = dict(
+        answered,
         content=ending.text,
         reasoning=ending.reasoning,
         reasoning_parts=ending.reasoning_parts,
@@ -364,10 +363,12 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
         error=ending.detail(),
         prefix_hash=prefix_hash,
     )
-    if not stored:
+    if not await raw.update(Message, changes, id=message.id, status=ACTIVE, **held):
         return False
-    await Conversation.filter(id=message.conversation_id).update(  # type: ignore[attr-defined]
-        updated_at=finished_at
+    await raw.update(
+        Conversation,
+        {"updated_at": finished_at},
+        id=message.conversation_id,  # type: ignore[attr-defined]
     )
     if str(message.completion_id).startswith(RESPONSE_PREFIX):
         await _forget_unstored(str(message.completion_id))

@@ -11,10 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tortoise.expressions import Q
-from tortoise.queryset import QuerySet
-
 from app.content import BLOB_SCHEME, data_url, with_data_urls
+from app.db import raw
 from app.db.models import Blob, Message, Status
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 
@@ -68,27 +66,18 @@ async def load_context(
     counted. Failed or empty assistant turns are left out: the model should not see them. A
     window that would start with tool results whose call it cut off starts after them instead.
     """
-    before = Message.filter(
-        conversation_id=assistant.conversation_id,  # type: ignore[attr-defined]
-        id__lt=assistant.id,
-    ).filter(
-        ~(
-            Q(role="assistant")
-            & ((Q(content="") & Q(tool_calls__isnull=True)) | Q(status=Status.FAILED))
-        )
-    )
     if responses is not None:
-        return await _whole(before, assistant, responses)
-    window = await before.order_by("-id").limit(limit + 1)
-    window.reverse()
+        return await _whole(assistant, responses)
+    found = await raw.select(Message, lambda s: _window_sql(s, assistant, limit))
+    by_id = {row.id: row for row in found}  # the latest system message may be in both halves
+    ordered = [by_id[key] for key in sorted(by_id)]
+    window, older = ordered[-(limit + 1) :], ordered[: -(limit + 1)]
     system = [row for row in window if row.role == "system"]
     rows = [row for row in window if row.role != "system"]
-    if not system:
-        latest = await before.filter(role="system").order_by("-id").first()
-        if latest is not None:
-            system = [latest]
-            if len(rows) > 1 and len(rows) + 1 > limit + 1:
-                rows.pop(0)
+    if not system and older:  # the latest system message, older than the window
+        system = [older[-1]]
+        if len(rows) > 1 and len(rows) + 1 > limit + 1:
+            rows.pop(0)
     while rows and rows[0].role == "tool":
         rows.pop(0)
     if not rows or rows[-1].role not in ("user", "tool"):
@@ -97,12 +86,38 @@ async def load_context(
     return Context(rows=[*system, *rows], blobs=blobs)
 
 
-async def _whole(
-    before: QuerySet[Message], assistant: Message, responses: dict[str, Any]
-) -> Context:
+def _seen(s: raw.Statement, assistant: Message) -> str:
+    """The messages before `assistant` in its conversation that the model should see: not
+    failed or empty assistant turns."""
+    return (
+        f"conversation_id = {s.field('conversation_id', assistant.conversation_id)}"  # type: ignore[attr-defined]
+        f" AND id < {s.field('id', assistant.id)}"
+        f" AND NOT (role = 'assistant' AND ((content = '' AND tool_calls IS NULL)"
+        f" OR status = {s.field('status', Status.FAILED)}))"
+    )
+
+
+def _window_sql(s: raw.Statement, assistant: Message, limit: int) -> str:
+    """One statement for the window (the last `limit + 1` messages) and the latest system
+    message, which may be older."""
+    table = raw.table(Message)
+    window = (
+        f"SELECT * FROM {table} WHERE {_seen(s, assistant)} ORDER BY id DESC LIMIT {limit + 1:d}"
+    )
+    system = (
+        f"SELECT * FROM {table} WHERE {_seen(s, assistant)} AND role = 'system'"
+        " ORDER BY id DESC LIMIT 1"
+    )
+    return f"SELECT * FROM ({window}) AS w UNION ALL SELECT * FROM ({system}) AS s"
+
+
+async def _whole(assistant: Message, responses: dict[str, Any]) -> Context:
     """A Responses API turn: the whole chain in order (`truncation: disabled`), with the
     request's instructions and never HAIA's homelab prompt."""
-    rows = await before.order_by("id")
+    table = raw.table(Message)
+    rows = await raw.select(
+        Message, lambda s: f"SELECT * FROM {table} WHERE {_seen(s, assistant)} ORDER BY id"
+    )
     if not rows:
         raise LookupError(f"no input precedes {assistant.completion_id}")
     return Context(

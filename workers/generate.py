@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app import keys
+from app.db import raw
 from app.db.models import FINISHED, Message, Status
 from app.errors import HaiaError, InvalidRequest, UpstreamTimeout
 from app.events import Event
@@ -45,7 +46,7 @@ async def generate(
     """Generate the assistant turn stored under `completion_id`; return its final status."""
     st = state(ctx)
     request_id_var.set(request_id or "-")
-    message = await Message.get_or_none(completion_id=completion_id)
+    message = await raw.first(Message, completion_id=completion_id)
     if message is None or message.status in FINISHED:
         return "skipped"
     # What Redis knows of it, in one round trip: ended? cancelled? text from an earlier run?
