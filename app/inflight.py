@@ -25,11 +25,11 @@ class Inflight:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
-    async def queued(
-        self, completion_id: str, *, conversation: str, model: str, request_id: str
-    ) -> None:
-        """Waiting in the queue for a worker (the worker's `running` replaces it)."""
-        entry = {
+    @staticmethod
+    def queued_entry(*, conversation: str, model: str, request_id: str) -> dict[str, Any]:
+        """Waiting in the queue for a worker (the worker's `running` replaces it); written
+        with the job itself (`app.jobs.enqueue`)."""
+        return {
             "conversation": conversation,
             "model": model,
             "status": Status.QUEUED.value,
@@ -37,7 +37,6 @@ class Inflight:
             "worker": None,
             "request_id": request_id,
         }
-        await self._set(completion_id, entry)
 
     async def waiting(
         self,

@@ -13,7 +13,7 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 from sanic_ext.extensions.openapi.definitions import Component
 
-from app import keys
+from app import jobs, keys
 from app.context import Services, services
 from app.db.models import ACTIVE, Message, Status
 from app.errors import HaiaError, InvalidRequest, RateLimited, Unavailable
@@ -198,21 +198,21 @@ async def task_chat(request: Request, *, prompt: str, answer: str) -> dict[str, 
 
 async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> None:
     try:
-        if turn.conversation_id:  # a stored turn: visible as waiting until a worker takes it
-            await Inflight(svc.redis).queued(
-                turn.completion_id,
+        await jobs.enqueue(
+            svc.redis,
+            function,
+            turn.completion_id,
+            # a stored turn: visible as waiting until a worker takes it
+            inflight=Inflight.queued_entry(
                 conversation=turn.conversation_id,
                 model=turn.model,
                 request_id=request_id_var.get(),
             )
-        await svc.redis.enqueue_job(
-            function,
-            turn.completion_id,
+            if turn.conversation_id
+            else None,
             request_id=request_id_var.get(),
-            _job_id=turn.completion_id,
             **kwargs,
         )
-        await svc.redis.publish(keys.WAKE_CHANNEL, turn.completion_id)
     except Exception as exc:
         error = Unavailable("HAIA cannot reach Redis right now; try again shortly.")
         if turn.conversation_id:
