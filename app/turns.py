@@ -183,6 +183,7 @@ async def start_turn(
     )
     async with in_transaction():
         incoming = messages
+        head: str | None = None  # what `conversation` holds (new: nothing)
         if conversation is None:
             conversation = await Conversation.create(owner=owner, title=title_from(messages))
         else:
@@ -192,13 +193,16 @@ async def start_turn(
                 incoming = messages[-turn_length:]
             elif head is not None:
                 conversation = await _branch(conversation, owner=owner, chat_id=chat_id)
+                head = None  # a branch starts empty
             if not conversation.title:
                 # Only where still untitled: a title task racing this turn may have named it.
                 await Conversation.filter(id=conversation.id, title="").update(
                     title=title_from(messages)
                 )
             await conversation.save(update_fields=["updated_at"])
-        await _store_messages(conversation, incoming, offset=len(messages) - len(incoming))
+        await _store_messages(
+            conversation, incoming, offset=len(messages) - len(incoming), head=head
+        )
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created
         )
@@ -235,7 +239,8 @@ async def start_chain_turn(
             await conversation.save(update_fields=["updated_at"])
         if after is not None and messages and _restates(messages[0], after):
             messages = messages[1:]
-        await _store_messages(conversation, messages, offset=0)
+        head = await head_digest(conversation) if after is not None else None  # new: empty
+        await _store_messages(conversation, messages, offset=0, head=head)
         return await _queue_assistant(
             conversation, completion_id, model=model, request_id=request_id, on_created=on_created
         )
@@ -254,9 +259,10 @@ def _restates(message: ChatMessage, after: Message) -> bool:
 
 
 async def _store_messages(
-    conversation: Conversation, messages: Sequence[ChatMessage], *, offset: int
+    conversation: Conversation, messages: Sequence[ChatMessage], *, offset: int, head: str | None
 ) -> None:
-    previous = await head_digest(conversation)
+    """Append `messages` to `conversation`, whose stored messages digest to `head`."""
+    previous = head
     rows = []
     blobs: dict[str, Blob] = {}
     for index, message in enumerate(messages, start=offset):
