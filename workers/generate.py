@@ -46,15 +46,17 @@ async def generate(
     """Generate the assistant turn stored under `completion_id`; return its final status."""
     st = state(ctx)
     request_id_var.set(request_id or "-")
-    message = await raw.first(Message, completion_id=completion_id)
-    if message is None or message.status in FINISHED:
-        return "skipped"
-    # What Redis knows of it, in one round trip: ended? cancelled? text from an earlier run?
+    # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?), read
+    # at the same time: each is a round trip before the model request.
     pipe = st.redis.pipeline(transaction=False)
     pipe.get(keys.gen_fence(completion_id))
     pipe.exists(keys.gen_cancel(completion_id))
     pipe.lrange(keys.gen_log(completion_id), 0, -1)
-    fence, cancelled, logged = await pipe.execute()
+    message, (fence, cancelled, logged) = await asyncio.gather(
+        raw.first(Message, completion_id=completion_id), pipe.execute()
+    )
+    if message is None or message.status in FINISHED:
+        return "skipped"
     if fence == b"end":
         return "skipped"  # ended elsewhere (cancelled while queued, timed out in the queue)
     if cancelled:
@@ -157,7 +159,17 @@ async def _generate(
         worker=st.worker_id,
         attempt=publisher.token,
     )
-    await asyncio.gather(inflight.running(completion_id, entry), publisher.start(model))
+    # The context is read while the start is announced: the database and Redis, in parallel.
+    loading = asyncio.ensure_future(
+        load_context(
+            message, limit=st.settings.context_messages, responses=options.get("responses")
+        )
+    )
+    try:
+        await asyncio.gather(inflight.running(completion_id, entry), publisher.start(model))
+    except BaseException:
+        loading.cancel()
+        raise
     log.info("generation %s started on %s (run %d)", completion_id, model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
@@ -173,9 +185,7 @@ async def _generate(
 
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
-            context = await load_context(
-                message, limit=st.settings.context_messages, responses=options.get("responses")
-            )
+            context = await loading
             ending.previous_hash = context.rows[-1].prefix_hash  # the turn this answers
             outcome = await stream_model(
                 st,
