@@ -78,8 +78,11 @@ class Inflight:
     async def running(self, completion_id: str, entry: dict[str, Any]) -> None:
         await self._set(completion_id, entry)
 
-    async def progress(self, completion_id: str, entry: dict[str, Any], tokens: int) -> None:
-        await self._set(completion_id, {**entry, "tokens": tokens})
+    @staticmethod
+    def progress_entry(entry: dict[str, Any], tokens: int) -> str:
+        """`entry` after `tokens` deltas, as the publish batcher writes it with the deltas
+        (`app.publish.Publisher.progress`)."""
+        return json.dumps({**entry, "tokens": tokens})
 
     async def _set(self, completion_id: str, entry: dict[str, Any]) -> None:
         await cast(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import redis.asyncio as aioredis
 from tortoise import Tortoise
 from tortoise.backends.base.executor import EXECUTOR_CACHE
 
+from app import keys
 from app.config import Settings
 from app.db import apply_migrations, open_database
 from app.db.models import Conversation, Message, Status
@@ -150,6 +152,81 @@ async def test_one_batch_serves_many_generations_and_refuses_a_stale_one(
                 break
             await asyncio.sleep(0.01)
         assert [e.text for e in await logged_events(stores, runs[0][0])][-1] == " c"
+    finally:
+        await batcher.stop()
+
+
+async def test_a_batch_carries_any_text_exactly(stores: aioredis.Redis, settings: Settings) -> None:
+    """The batch travels as one JSON argument decoded by Redis: quotes, backslashes, escape
+    sequences, control characters, emoji and tool-call pieces come out of the log as sent."""
+    batcher = Batcher(stores)
+    batcher.start()
+    try:
+        message = await queued_turn()
+        run = await take_fence(stores, settings, message, status=Status.IN_PROGRESS)
+        assert run is not None
+        completion_id = str(message.completion_id)
+        publisher = Publisher(stores, completion_id, run.token, ttls(settings), batcher)
+        await publisher.start()
+        texts = [
+            'say "hi"',
+            "C:\\new\\table",
+            "\\u0000 is not NUL",
+            "tab\tline\n",
+            "🦙 façade ∑",
+            "\x7f\x01",
+        ]
+        for text in texts:
+            publisher.delta(text)
+        publisher.reasoning('think "twice"')
+        publisher.tool({"index": 0, "function": {"arguments": '{"path": "a\\\\b"}'}})
+        for _ in range(100):
+            if not publisher.pending:
+                break
+            await asyncio.sleep(0.01)
+        events = await logged_events(stores, completion_id)
+        assert [e.text for e in events if e.text] == texts
+        assert [e.reasoning for e in events if e.reasoning] == ['think "twice"']
+        assert [e.tool for e in events if e.tool] == [
+            {"index": 0, "function": {"arguments": '{"path": "a\\\\b"}'}}
+        ]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    finally:
+        await batcher.stop()
+
+
+async def test_progress_goes_with_the_deltas_only_while_the_run_holds_the_fence(
+    stores: aioredis.Redis, settings: Settings
+) -> None:
+    """The token count in `haia:inflight` is written by the batch that carries the deltas,
+    and never after the generation ended (it would bring back a finished entry)."""
+    batcher = Batcher(stores)
+    batcher.start()
+    try:
+        message = await queued_turn()
+        completion_id = str(message.completion_id)
+        run = await take_fence(stores, settings, message, status=Status.IN_PROGRESS)
+        assert run is not None
+        publisher = Publisher(stores, completion_id, run.token, ttls(settings), batcher)
+        await publisher.start()
+        publisher.progress(json.dumps({"status": "in_progress", "tokens": 16}))
+        publisher.delta("a")
+        for _ in range(100):
+            if not publisher.pending:
+                break
+            await asyncio.sleep(0.01)
+        entry = await stores.hget(keys.INFLIGHT, completion_id)  # type: ignore[misc]
+        assert entry is not None and json.loads(entry)["tokens"] == 16
+        await stores.hdel(keys.INFLIGHT, completion_id)  # type: ignore[misc]
+        assert await end_as(stores, settings, completion_id, status=Status.INTERRUPTED)
+        publisher.progress(json.dumps({"status": "in_progress", "tokens": 32}))
+        publisher.delta("b")
+        for _ in range(100):
+            if publisher.fenced:
+                break
+            await asyncio.sleep(0.01)
+        assert publisher.fenced
+        assert await stores.hget(keys.INFLIGHT, completion_id) is None  # type: ignore[misc]
     finally:
         await batcher.stop()
 

@@ -175,7 +175,7 @@ async def _generate(
     ending = Ending(status=Status.COMPLETED)
     progress = _Progress(
         publisher=publisher,
-        on_count=lambda n: st.batcher.later(inflight.progress(completion_id, entry, n)),
+        on_count=lambda n: publisher.progress(Inflight.progress_entry(entry, n)),
         model=model,
     )
 
