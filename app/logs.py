@@ -72,6 +72,15 @@ def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
         _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
 
 
+def _per_job_lines(record: logging.LogRecord) -> bool:
+    """False for arq's two INFO lines per job (`0.52s → id:generate(…)`, `… ← … ●`): HAIA logs
+    each generation itself, and at hundreds of generations a second they cost the worker about
+    as much as its SQL. Shown at HAIA_LOG_LEVEL=DEBUG; arq's retry and abort lines stay."""
+    return not (
+        record.levelno == logging.INFO and str(record.msg).startswith(("%6.2fs → ", "%6.2fs ← "))
+    )
+
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(haia_process)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -92,5 +101,7 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_uncaught
+    if root.level > logging.DEBUG:
+        logging.getLogger("arq.worker").addFilter(_per_job_lines)
     for noisy in ("httpx", "httpx2", "httpcore", "tortoise", "aiosqlite", "asyncio", "asyncpg"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

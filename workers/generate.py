@@ -258,6 +258,12 @@ async def _end(
     if ending.status == Status.COMPLETED or progress.count:
         ending.model = progress.model  # it answered, at least in part
     try:
-        await end_run(publisher, message, ending)
+        if await end_run(publisher, message, ending):
+            log.info(
+                "generation %s ended %s (%d deltas)",
+                message.completion_id,
+                ending.status.value,
+                progress.count,
+            )
     finally:
         await inflight.remove(str(message.completion_id))

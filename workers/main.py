@@ -127,7 +127,10 @@ class WakeableWorker(Worker):
         their latency, in series, to every generation's first token. Same rule as arq's: a
         job is taken when no worker holds its in-progress key and its score is due."""
         room = self.max_jobs - self.job_counter
-        ids = [job_id.decode() for job_id in job_ids[: max(room, 0)]]
+        # The queue lists running jobs too (arq removes a job when it finishes): this
+        # worker's own are skipped here, so a poll costs what is new, not what runs.
+        fresh = (job_id.decode() for job_id in job_ids)
+        ids = [job_id for job_id in fresh if not self._runs(job_id)][: max(room, 0)]
         if not ids:
             return
         if self._claim is None:
@@ -143,6 +146,10 @@ class WakeableWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(raw_score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    def _runs(self, job_id: str) -> bool:
+        task = self.tasks.get(job_id)
+        return task is not None and not task.done()
 
     def _stopping(self) -> None:
         self._draining = True
