@@ -13,6 +13,7 @@ way to become their writer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable
@@ -213,13 +214,16 @@ async def take_fence(
     *,
     status: Status | None = None,
     only_if: frozenset[Status] = ACTIVE,
+    start: Event | None = None,
+    inflight: dict[str, Any] | None = None,
 ) -> Run | None:
     """Become the only writer of `message`'s generation: bump its attempt (the fencing token)
     in the row, compare-and-set, then take the fence in Redis. Whoever held it before is fenced
     out of both. None when the generation has ended, or someone else got there first.
 
-    A worker's run passes `status=IN_PROGRESS`; a process ending it on a dead or absent run's
-    behalf leaves the status to the ending.
+    A worker's run passes `status=IN_PROGRESS`, its `start` event and its `inflight` entry
+    (written with the fence, in the same round trip); a process ending it on a dead or absent
+    run's behalf leaves the status to the ending.
     """
     token = message.attempt + 1
     changes: dict[str, Any] = {"attempt": token}
@@ -231,7 +235,14 @@ async def take_fence(
     if not claimed:
         return None
     try:
-        await claim(redis, str(message.completion_id), token, ttls(settings))
+        await claim(
+            redis,
+            str(message.completion_id),
+            token,
+            ttls(settings),
+            start=start,
+            inflight=json.dumps(inflight) if inflight is not None else "",
+        )
     except Fenced:
         return None
     message.attempt = token

@@ -61,8 +61,9 @@ class Inflight:
         }
         await self._set(completion_id, entry)
 
+    @staticmethod
     def running_entry(
-        self, *, conversation: str, model: str, request_id: str, worker: str, attempt: int
+        *, conversation: str, model: str, request_id: str, worker: str, attempt: int
     ) -> dict[str, Any]:
         return {
             "conversation": conversation,

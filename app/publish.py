@@ -31,12 +31,25 @@ from app.events import Event
 
 log = logging.getLogger(__name__)
 
+# KEYS: fence, log, channel, in-flight hash. ARGV: token, running ttl, the run's `start`
+# event body or '', its in-flight field and entry or ''. Taking the fence, announcing the run
+# and listing it in `haia:inflight` are one round trip: each was a socket write of its own.
+# Returns the log's length after it (-1: ended, -2: a later run holds it).
 _CLAIM = """
 local fence = redis.call('GET', KEYS[1])
 if fence == 'end' then return -1 end
 if fence and tonumber(fence) and tonumber(fence) >= tonumber(ARGV[1]) then return -2 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return redis.call('LLEN', KEYS[2])
+local n = redis.call('LLEN', KEYS[2])
+if ARGV[3] ~= '' then
+  n = n + 1
+  local data = '{"seq": ' .. n .. ', ' .. string.sub(ARGV[3], 2)
+  redis.call('RPUSH', KEYS[2], data)
+  redis.call('PUBLISH', KEYS[3], data)
+  if n == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[5]) end
+return n
 """
 
 # KEYS: fence, log, channel. ARGV: token, running ttl, final ttl, terminal (0/1), bodies…
@@ -139,14 +152,26 @@ def _keys(completion_id: str) -> list[str]:
     ]
 
 
-async def claim(redis: Redis, completion_id: str, token: int, ttls: Ttls) -> int:
-    """Take the fence for run `token`; returns how many events are already logged.
+async def claim(
+    redis: Redis,
+    completion_id: str,
+    token: int,
+    ttls: Ttls,
+    *,
+    start: Event | None = None,
+    inflight: str = "",
+) -> int:
+    """Take the fence for run `token`, and with it append `start` and write the generation's
+    `haia:inflight` entry (JSON) when given; returns how many events are logged then.
 
     Raises `Fenced` when the generation has ended or a later run holds it.
     """
+    body = start.body() if start is not None else ""
     result = int(
         await scripts(redis).claim(
-            keys=_keys(completion_id)[:2], args=[token, ttls.running], client=redis
+            keys=[*_keys(completion_id), keys.INFLIGHT],
+            args=[token, ttls.running, body, completion_id, inflight],
+            client=redis,
         )
     )
     if result < 0:

@@ -25,7 +25,7 @@ from app.inflight import Inflight
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher
 from app.upstreams import Upstream, model_chain
-from workers.context import load_context
+from workers.context import Context, load_context
 from workers.lease import Lease
 from workers.model_call import first_upstream, stream_model
 from workers.state import WorkerState, state
@@ -102,11 +102,44 @@ async def _take_and_run(
             if await st.redis.exists(keys.gen_cancel(completion_id)):
                 await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
             return "skipped"  # ended while it waited (cancelled, or timed out in the queue)
-    run = await take_fence(st.redis, st.settings, message, status=Status.IN_PROGRESS)
+    model = model_chain(message.model or "", st.settings.aliases)[0]
+    entry = Inflight.running_entry(
+        conversation=message.conversation_id,  # type: ignore[attr-defined]
+        model=model,
+        request_id=message.request_id or "-",
+        worker=st.worker_id,
+        attempt=message.attempt + 1,  # the token `take_fence` takes
+    )
+    # The context is read from the database while Redis takes the fence, announces the run
+    # and lists it in `haia:inflight` (one script).
+    loading = asyncio.ensure_future(
+        load_context(
+            message, limit=st.settings.context_messages, responses=options.get("responses")
+        )
+    )
+    try:
+        run = await take_fence(
+            st.redis,
+            st.settings,
+            message,
+            status=Status.IN_PROGRESS,
+            start=Event(seq=0, type="start", status="in_progress", model=model),
+            inflight=entry,
+        )
+    except BaseException:
+        _drop(loading)
+        raise
     if run is None:
+        _drop(loading)
         return "skipped"
     publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
-    return await _generate(st, message, publisher, options, lease)
+    return await _generate(st, message, publisher, options, lease, entry, loading)
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """Cancel `task`, whose outcome is no longer wanted (retrieved, so never logged)."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 @dataclass
@@ -147,29 +180,17 @@ class _Progress:
 
 
 async def _generate(
-    st: WorkerState, message: Message, publisher: Publisher, options: dict[str, Any], lease: Lease
+    st: WorkerState,
+    message: Message,
+    publisher: Publisher,
+    options: dict[str, Any],
+    lease: Lease,
+    entry: dict[str, Any],
+    loading: asyncio.Future[Context],
 ) -> str:
     completion_id = str(message.completion_id)
     inflight = Inflight(st.redis)
-    model = model_chain(message.model or "", st.settings.aliases)[0]
-    entry = inflight.running_entry(
-        conversation=message.conversation_id,  # type: ignore[attr-defined]
-        model=model,
-        request_id=message.request_id or "-",
-        worker=st.worker_id,
-        attempt=publisher.token,
-    )
-    # The context is read while the start is announced: the database and Redis, in parallel.
-    loading = asyncio.ensure_future(
-        load_context(
-            message, limit=st.settings.context_messages, responses=options.get("responses")
-        )
-    )
-    try:
-        await asyncio.gather(inflight.running(completion_id, entry), publisher.start(model))
-    except BaseException:
-        loading.cancel()
-        raise
+    model = str(entry["model"])
     log.info("generation %s started on %s (run %d)", completion_id, model, publisher.token)
 
     ending = Ending(status=Status.COMPLETED)
