@@ -324,6 +324,20 @@ def _status_kb(pid: int, field_name: str) -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: private pages, plus shared ones divided among their users. Web
+    and worker map the same libraries (Python, OpenSSL, SQLite, …); adding their RSS counts
+    those pages twice, adding their PSS once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc/<pid>/stat."""
     try:
@@ -347,15 +361,18 @@ def reset_peak(pid: int) -> bool:
 class Usage:
     peak_rss_mb: float
     cpu_s: float
+    peak_pss_mb: float = float("nan")
 
 
 class Sampler:
     """Peak RSS (VmHWM reset at the start, and VmRSS polled every 50 ms) and CPU seconds of
-    some processes over one level."""
+    some processes over one level, and the peak PSS of web and worker together (polled)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak_kb = dict.fromkeys(pids, 0)
+        self.together = [name for name in ("web", "worker") if name in pids]
+        self.peak_pss_kb = 0  # of web and worker together, at one instant
         self.hwm_reset: dict[str, bool] = {}
         self.cpu_start: dict[str, float] = {}
         self.cpu_self = 0.0
@@ -366,12 +383,19 @@ class Sampler:
         while not self._stop.wait(SAMPLE_EVERY):
             for name, pid in self.pids.items():
                 self.peak_kb[name] = max(self.peak_kb[name], _status_kb(pid, "VmRSS:"))
+            self._sample_pss()
+
+    def _sample_pss(self) -> None:
+        if self.together:
+            pss = sum(_pss_kb(self.pids[name]) for name in self.together)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
 
     def __enter__(self) -> Sampler:
         for name, pid in self.pids.items():
             self.hwm_reset[name] = reset_peak(pid)
             self.peak_kb[name] = _status_kb(pid, "VmRSS:")
             self.cpu_start[name] = cpu_seconds(pid)
+        self._sample_pss()
         self.cpu_self = time.process_time()
         self._thread.start()
         return self
@@ -390,6 +414,8 @@ class Sampler:
             for name, pid in self.pids.items()
         }
         found["client"] = Usage(float("nan"), self.cpu_self)
+        if self.together:
+            found["web+worker"] = Usage(float("nan"), float("nan"), self.peak_pss_kb / 1024)
         return found
 
 
@@ -522,6 +548,7 @@ COLUMNS = (
     "vs direct",
     "web peak RSS MB",
     "worker peak RSS MB",
+    "web + worker peak PSS MB",
     "web CPU s",
     "worker CPU s",
     "upstream CPU s",
@@ -551,6 +578,7 @@ def row(level: Level, direct: Level | None) -> list[str]:
         "" if direct is None or level is direct else f"{ratio:.0%}",
         fmt(web.peak_rss_mb),
         fmt(worker.peak_rss_mb),
+        fmt(usage.get("web+worker", nan).peak_pss_mb),
         fmt(web.cpu_s, 2),
         fmt(worker.cpu_s, 2),
         fmt(usage["upstream"].cpu_s, 2),
