@@ -61,7 +61,7 @@ class Follower:
         return bool(await self._redis.exists(self._log))
 
     async def events(
-        self, *, after: int = 0, ended: EndCheck | None = None
+        self, *, after: int = 0, ended: EndCheck | None = None, fresh: bool = False
     ) -> AsyncGenerator[Event | None, None]:
         """Events with `seq > after`, in order, until the terminal one; `None` while silent.
 
@@ -70,11 +70,15 @@ class Follower:
         asked every few keep-alive intervals whether the generation ended without its `end`
         reaching this stream (an expired or damaged log): its answer ends the stream, so
         keep-alive comments never hold a connection open after the generation is over.
+
+        `fresh`: the subscription was confirmed before the generation existed (a turn this
+        request has just enqueued), so every event arrives live and there is no log to replay
+        first (a gap is still filled from the log).
         """
         last = after
         silent = 0
         # The whole log: its end event tells whether `after` is already past the end.
-        logged = await self._logged(0)
+        logged = [] if fresh else await self._logged(0)
         batch: list[Event] | None = [e for e in logged if e.seq > after or e.is_terminal]
         while True:
             if batch is None:

@@ -273,7 +273,7 @@ async def _stream(
     headers: dict[str, str],
 ) -> None:
     svc = services(request)
-    events = follower.events(ended=ended_in_database(turn.completion_id))
+    events = follower.events(ended=ended_in_database(turn.completion_id), fresh=True)
     pending = await _await_worker(svc, events, turn)
     first, model = await first_event(_chain(pending, events), turn.model)
     if first is not None and first.is_terminal and first.status == Status.FAILED:
@@ -290,7 +290,7 @@ async def _stream(
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatCompletion:
     deltas: list[Event] = []
-    events = follower.events()
+    events = follower.events(fresh=True)
     pending = await _await_worker(svc, events, turn)
     model = turn.model
     async for event in _chain(pending, events):

@@ -267,7 +267,7 @@ async def _stream(
     """Relay the events as Responses SSE. A foreground response waits for its first event, so
     a failure before any output is an HTTP error; a background one opens at once (queued)."""
     svc = services(request)
-    events = follower.events()
+    events = follower.events(fresh=True)
     if meta.get("background"):
         response = await open_stream(request, headers)
         await relay_encoded(response, ResponseStream(meta), events)
@@ -291,7 +291,7 @@ async def _stream(
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> list[Event]:
     """Every event up to the end; a failed generation is an HTTP error (nothing was sent)."""
-    events = follower.events()
+    events = follower.events(fresh=True)
     collected = await _await_worker(svc, events, turn)
     if collected[-1].is_terminal:
         return _checked(collected)
