@@ -349,6 +349,7 @@ class Batcher:
 
     async def _send(self, ready: list[Publisher]) -> None:
         batches = [publisher.pending for publisher in ready]
+        progress = [publisher.take_progress() for publisher in ready]
         for publisher in ready:
             publisher.pending = []
         payload = json.dumps(
@@ -359,9 +360,9 @@ class Batcher:
                     p.ttls.running,
                     [e.body() for e in b],
                     p.completion_id,
-                    p.take_progress(),
+                    entry,
                 ]
-                for p, b in zip(ready, batches, strict=True)
+                for p, b, entry in zip(ready, batches, progress, strict=True)
             ],
             separators=(",", ":"),
             ensure_ascii=False,
@@ -375,8 +376,9 @@ class Batcher:
                 await self._redis.script_load(_EMIT_MANY)
                 results = await self._redis.evalsha(emit_many.sha, 0, payload, keys.INFLIGHT)  # type: ignore[misc]
         except BaseException:
-            for publisher, batch in zip(ready, batches, strict=True):
+            for publisher, batch, entry in zip(ready, batches, progress, strict=True):
                 publisher.pending[:0] = batch
+                publisher.progress(publisher.take_progress() or entry)  # a newer one wins
             raise
         for publisher, result in zip(ready, results, strict=True):
             if int(result) < 0:

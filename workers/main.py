@@ -39,15 +39,18 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError
 
 _CLAIM_JOBS = """
 -- KEYS[1]: the queue; KEYS[i+1]: job i's in-progress key. ARGV[1]: now (ms), ARGV[2]: the
--- in-progress key's lifetime (ms), ARGV[i+2]: job i's id. Takes every job that no worker runs
--- and whose time has come; returns their ids and scores, flattened.
+-- in-progress key's lifetime (ms), ARGV[3]: how many jobs to take at most, ARGV[i+3]: job i's
+-- id. Takes, in queue order, every job that no worker runs and whose time has come, up to the
+-- limit (jobs other workers run are passed over, not counted); returns their ids and scores.
 local taken = {}
+local room = tonumber(ARGV[3])
 for i = 2, #KEYS do
+    if #taken >= 2 * room then break end
     if redis.call('EXISTS', KEYS[i]) == 0 then
-        local score = redis.call('ZSCORE', KEYS[1], ARGV[i + 1])
+        local score = redis.call('ZSCORE', KEYS[1], ARGV[i + 2])
         if score and tonumber(score) <= tonumber(ARGV[1]) then
             redis.call('PSETEX', KEYS[i], ARGV[2], '1')
-            taken[#taken + 1] = ARGV[i + 1]
+            taken[#taken + 1] = ARGV[i + 2]
             taken[#taken + 1] = score
         end
     end
@@ -128,16 +131,17 @@ class WakeableWorker(Worker):
         job is taken when no worker holds its in-progress key and its score is due."""
         room = self.max_jobs - self.job_counter
         # The queue lists running jobs too (arq removes a job when it finishes): this
-        # worker's own are skipped here, so a poll costs what is new, not what runs.
+        # worker's own are skipped here, so a poll costs what is new, not what runs. Jobs
+        # other workers run are skipped by the script, and do not count against `room`.
         fresh = (job_id.decode() for job_id in job_ids)
-        ids = [job_id for job_id in fresh if not self._runs(job_id)][: max(room, 0)]
-        if not ids:
+        ids = [job_id for job_id in fresh if not self._runs(job_id)]
+        if not ids or room <= 0:
             return
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
         taken = await self._claim(
             keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in ids)],
-            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), *ids],
+            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, *ids],
         )
         for raw_id, raw_score in zip(taken[::2], taken[1::2], strict=True):
             await self.sem.acquire()  # free: `room` counted the jobs this worker runs
