@@ -7,7 +7,7 @@ asking for `--tokens` tokens paced at `--rate` tokens/s, and waits for all of th
 `--level-timeout` seconds). Then it prints one table per level. No assertions: the numbers are
 the result; the web, worker and upstream logs stay in the temporary directory it names.
 
-    uv run python bench/load.py [--levels 1,10,100,500,1000] [--tokens 40] [--rate 20]
+    uv run python bench/load.py [--levels 1,10,100,500,1000] [--tokens 40] [--rate 20] [--workers 1]
                                 [--database-url postgres://…] [--redis-url redis://…/14]
                                 [--api chat,responses]
 
@@ -373,7 +373,7 @@ class Sampler:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.peak_kb = dict.fromkeys(pids, 0)
-        self.together = [name for name in ("web", "worker") if name in pids]
+        self.together = [name for name in pids if name.startswith(("web", "worker"))]
         self.peak_pss_kb = 0  # of web and worker together, at one instant
         self.hwm_reset: dict[str, bool] = {}
         self.cpu_start: dict[str, float] = {}
@@ -570,7 +570,13 @@ def row(level: Level, direct: Level | None) -> list[str]:
     ratio = rate / direct.tokens_per_s() if direct else float("nan")
     usage = level.usage
     nan = Usage(float("nan"), float("nan"))
-    web, worker = usage.get("web", nan), usage.get("worker", nan)
+    web = usage.get("web", nan)
+    workers = [found for name, found in usage.items() if name.startswith("worker")]
+    worker = (  # with --workers N: the sum over the workers (peaks: an upper bound)
+        Usage(sum(w.peak_rss_mb for w in workers), sum(w.cpu_s for w in workers))
+        if workers
+        else nan
+    )
     return [
         level.target,
         str(len(level.results)),
@@ -676,9 +682,11 @@ def run_haia(
     print("through HAIA:", file=sys.stderr, flush=True)
     stack.start_web()
     stack.start_worker()
+    extra = [stack.start_extra_worker() for _ in range(bench.args.workers - 1)]
     assert stack.web is not None
     assert stack.worker is not None
     bench.pids.update(web=stack.web.process.pid, worker=stack.worker.process.pid)
+    bench.pids.update({f"worker{i}": proc.process.pid for i, proc in enumerate(extra, start=2)})
     port = int(stack.base_url.rsplit(":", 1)[1])
     targets = [Target(APIS[api], "127.0.0.1", port, "ollama:fake-model", api) for api in bench.apis]
     for target in targets:
@@ -702,6 +710,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--redis-url", default=DEFAULT_REDIS_URL, help="a db of the bench's own: flushed at start"
     )
     parser.add_argument("--max-jobs", type=int, default=1000, help="HAIA_WORKER_MAX_JOBS")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (as `honcho start -c worker=N`); their CPU and RSS are summed",
+    )
     parser.add_argument("--log-level", default="INFO", help="HAIA_LOG_LEVEL of web and worker")
     parser.add_argument(
         "--level-timeout",
@@ -752,7 +766,8 @@ def main() -> None:
     print(
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
         f"database {database_url.split(':')[0]}; {args.tokens} tokens at {args.rate:g} tokens/s "
-        f"per stream; HAIA_WORKER_MAX_JOBS={args.max_jobs}; open files {nofile}; "
+        f"per stream; HAIA_WORKER_MAX_JOBS={args.max_jobs}; workers {args.workers}; "
+        f"open files {nofile}; "
         f"through HAIA: {args.api}; logs in {work}",
         flush=True,
     )
