@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -284,18 +284,6 @@ class Batcher:
         self._dirty: dict[int, Publisher] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._side: set[asyncio.Task[Any]] = set()
-
-    def later(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run `work` (bookkeeping that must not hold up a stream) in the background."""
-        task = asyncio.create_task(work)
-        self._side.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._side.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background bookkeeping failed (%s)", type(task.exception()).__name__)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="haia-publish-batcher")
