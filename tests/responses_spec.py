@@ -416,3 +416,14 @@ def check_input_items(data: dict[str, Any] | str) -> dict[str, Any]:
         else:
             raise SpecViolation("; ".join(failures) or f"data[{index}]: unknown item {item}")
     return body
+
+
+def output_text(body: dict[str, Any]) -> str:
+    """The text of a response's `output_text` parts, in order."""
+    return "".join(
+        part["text"]
+        for item in body["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+        if part["type"] == "output_text"
+    )

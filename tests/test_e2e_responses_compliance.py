@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.procs import Stack
-from tests.responses_spec import Stream, check_response, check_stream
+from tests.responses_spec import Stream, check_response, check_stream, output_text
 
 pytestmark = pytest.mark.e2e
 
@@ -90,14 +90,9 @@ async def create_stream(http: httpx.AsyncClient, body: dict[str, Any]) -> Stream
     return check_stream(response.text)
 
 
-def output_text(body: dict[str, Any]) -> str:
-    return "".join(
-        part["text"]
-        for item in body["output"]
-        if item["type"] == "message"
-        for part in item["content"]
-        if part["type"] == "output_text"
-    )
+def weather_request(model: str) -> dict[str, Any]:
+    """The compliance cases' tool-calling request: the question, with the weather tool."""
+    return {"model": model, "input": [message("user", WEATHER_QUESTION)], "tools": [WEATHER_TOOL]}
 
 
 def completed_with_text(body: dict[str, Any], text: str) -> None:
@@ -169,10 +164,7 @@ async def test_system_prompt(stack: Stack, http: httpx.AsyncClient, model: str) 
 async def test_tool_calling(
     stack: Stack, http: httpx.AsyncClient, weather_rule: None, model: str
 ) -> None:
-    body = await create(
-        http,
-        {"model": model, "input": [message("user", WEATHER_QUESTION)], "tools": [WEATHER_TOOL]},
-    )
+    body = await create(http, weather_request(model))
     assert body["output"], "the response has no output items"
     [call] = [item for item in body["output"] if item["type"] == "function_call"]
     assert call["name"] == "get_weather" and call["status"] == "completed"
@@ -189,10 +181,7 @@ async def test_tool_calling(
 async def test_tool_calling_streaming(
     stack: Stack, http: httpx.AsyncClient, weather_rule: None, model: str
 ) -> None:
-    stream = await create_stream(
-        http,
-        {"model": model, "input": [message("user", WEATHER_QUESTION)], "tools": [WEATHER_TOOL]},
-    )
+    stream = await create_stream(http, weather_request(model))
     added = [e["item"] for e in stream.of_type("response.output_item.added")]
     done = [e["item"] for e in stream.of_type("response.output_item.done")]
     assert "function_call" in [item["type"] for item in added]

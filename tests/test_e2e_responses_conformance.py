@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from tests.procs import Stack
-from tests.responses_spec import Stream, check_input_items, check_response, check_stream
+from tests.responses_spec import (
+    Stream,
+    check_input_items,
+    check_response,
+    check_stream,
+    output_text,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -254,21 +260,12 @@ async def test_a_chain_with_a_tool_call_and_its_items(http: httpx.AsyncClient, m
         http, model=model, previous_response_id=first["id"], input=[output], tools=[tool]
     )
     assert second["previous_response_id"] == first["id"]
-    assert output_text_of(second) == "Echo: find it [tool results: 1]"
+    assert output_text(second) == "Echo: find it [tool results: 1]"
     for order in ("asc", "desc"):
         listing = await http.get(f"/v1/responses/{second['id']}/input_items?order={order}")
         assert listing.status_code == 200, listing.text
         items = check_input_items(listing.text)["data"]
         assert [item["type"] for item in items] == ["function_call_output"]
-
-
-def output_text_of(body: dict[str, Any]) -> str:
-    return "".join(
-        part["text"]
-        for item in body["output"]
-        if item["type"] == "message"
-        for part in item["content"]
-    )
 
 
 @pytest.mark.parametrize("model", MODELS)
