@@ -34,7 +34,7 @@ from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event, answering_model
 from app.inflight import Inflight
-from app.metrics import record_generation
+from app.metrics import Counter, generation_counters
 from app.publish import Fenced, Publisher, Ttls, append, claim, fence_of
 from app.schemas import Usage
 from app.slots import Slots
@@ -265,27 +265,31 @@ async def end_run(publisher: Publisher, message: Message, ending: Ending) -> boo
         log.warning("%s was ended elsewhere; this run stops", publisher.completion_id)
         publisher.fenced = True
         return False
-    await _announce(publisher, ending)
     first = message.first_token_at or ending.first_token_at
-    await record_generation(
-        publisher.redis,
+    counters = generation_counters(
         model=ending.model or message.model or "unknown",
         status=ending.status.value,
         ttft_seconds=(first - message.created_at).total_seconds() if first else None,
         prompt_tokens=ending.prompt_tokens,
         completion_tokens=ending.completion_tokens,
     )
+    await _announce(publisher, ending, counters)
     if stored is None:
         await store_ending(message, ending, token=publisher.token, within=STORE_RETRY_WINDOW)
     return True
 
 
-async def _announce(publisher: Publisher, ending: Ending) -> None:
+async def _announce(publisher: Publisher, ending: Ending, counters: list[Counter]) -> None:
+    """Append the `end` (which also takes the generation out of `haia:inflight` and counts
+    it), retrying while Redis is away for up to `END_RETRY_WINDOW`."""
     deadline = time.monotonic() + END_RETRY_WINDOW
     delay = 0.1
+    event = ending.event()
     while True:
         try:
-            await publisher.end(ending.event())
+            await asyncio.wait_for(
+                publisher.end(event, counters), max(deadline - time.monotonic(), 0.1)
+            )
             return
         except Fenced:
             log.error("the end of %s was refused by its fence", publisher.completion_id)
@@ -432,8 +436,9 @@ async def end_as(
         ending.first_token_at = message.started_at
         ending.model = answering_model(events)
     publisher = Publisher(redis, completion_id, run.token, ttls(settings))
-    ended = await end_run(publisher, message, ending)
-    await Inflight(redis).remove(completion_id)
+    ended = await end_run(publisher, message, ending)  # its `end` leaves `haia:inflight`
+    if not ended:
+        await Inflight(redis).remove(completion_id)
     return ended
 
 

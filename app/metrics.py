@@ -2,9 +2,9 @@
 
 The worker has no HTTP server, and several web processes may serve one HAIA (HAIA_WEB_WORKERS,
 or several hosts). So the counters and histograms live in Redis hashes that every process
-increments (HINCRBY, one pipelined round trip per event), and `GET /metrics` on any web process
-reads them back together with live gauges (in-flight generations, queue depth, workers) and
-renders them with prometheus_client. One scrape covers every process, and a restart of any of
+increments (HINCRBY: a request's count in one round trip, a generation's in the script that
+announces its end), and `GET /metrics` on any web process reads them back together with live
+gauges (in-flight generations, queue depth, workers) and renders them with prometheus_client. One scrape covers every process, and a restart of any of
 them loses no count. Recording never raises: a metric must not break a request or a generation.
 """
 
@@ -58,31 +58,33 @@ async def record_request(redis: Redis, *, route: str, status: int) -> None:
         log.debug("request not counted (%s)", type(exc).__name__)
 
 
-async def record_generation(
-    redis: Redis,
+Counter = tuple[str, str, str]
+"""(hash, field, amount) of one increment; an amount with a `.` is a float (HINCRBYFLOAT)."""
+
+
+def generation_counters(
     *,
     model: str,
     status: str,
     ttft_seconds: float | None,
     prompt_tokens: int | None,
     completion_tokens: int | None,
-) -> None:
-    """Count one ended generation, its tokens and its time to first token, in one round trip
-    (never raises)."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.hincrby(keys.METRICS_GENERATIONS, _field(model, status))
+) -> list[Counter]:
+    """The increments that count one ended generation, its tokens and its time to first
+    token. They are applied by the script that appends the generation's `end` (no round trip
+    of their own), and only if that `end` is accepted: a generation is counted once."""
+    counters: list[Counter] = [(keys.METRICS_GENERATIONS, _field(model, status), "1")]
     for kind, tokens in (("prompt", prompt_tokens), ("completion", completion_tokens)):
         if tokens:
-            pipe.hincrby(keys.METRICS_TOKENS, _field(model, kind), tokens)
+            counters.append((keys.METRICS_TOKENS, _field(model, kind), str(int(tokens))))
     if ttft_seconds is not None:
         seconds = max(ttft_seconds, 0.0)
-        pipe.hincrby(keys.METRICS_TTFT, _field(model, _bucket(seconds)))
-        pipe.hincrbyfloat(keys.METRICS_TTFT, _field(model, "sum"), seconds)
-        pipe.hincrby(keys.METRICS_TTFT, _field(model, "count"))
-    try:
-        await pipe.execute()
-    except Exception as exc:  # noqa: BLE001 - a lost count must not fail a generation
-        log.warning("generation metrics not recorded (%s)", type(exc).__name__)
+        counters += [
+            (keys.METRICS_TTFT, _field(model, _bucket(seconds)), "1"),
+            (keys.METRICS_TTFT, _field(model, "sum"), f"{seconds:.6f}"),
+            (keys.METRICS_TTFT, _field(model, "count"), "1"),
+        ]
+    return counters
 
 
 async def live_workers(redis: Redis) -> list[str]:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError
 
 from app import keys
 from app.events import Event
+from app.metrics import Counter
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,34 @@ if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], ARGV[4], ARGV[5]) end
 return n
 """
 
-# KEYS: fence, log, channel. ARGV: token, running ttl, final ttl, terminal (0/1), bodies…
+# Applied with a generation's `end`, in the script that appends it: its `haia:inflight` entry
+# goes and its counters are added (a JSON array of [hash, field, amount]; an amount with a `.`
+# is a float). An `end` is one round trip, whatever goes with it.
+_FINISH = """
+local function finish(inflight, id, counters)
+  redis.call('HDEL', inflight, id)
+  for _, c in ipairs(counters) do
+    if string.find(c[3], '.', 1, true) then
+      redis.call('HINCRBYFLOAT', c[1], c[2], c[3])
+    else
+      redis.call('HINCRBY', c[1], c[2], c[3])
+    end
+  end
+end
+"""
+
+# KEYS: fence, log, channel, in-flight hash. ARGV: token, running ttl, final ttl, terminal
+# (0/1), the generation's id, its counters (JSON, with `end`), bodies…
 # A missing fence is accepted (and taken): Redis lost its data, or nobody ever claimed.
-_EMIT = """
+_EMIT = (
+    _FINISH
+    + """
 local fence = redis.call('GET', KEYS[1])
 if fence == 'end' then return -1 end
 if fence and fence ~= ARGV[1] then return -2 end
 local n = redis.call('LLEN', KEYS[2])
 local first = n
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   n = n + 1
   local data = '{"seq": ' .. n .. ', ' .. string.sub(ARGV[i], 2)
   redis.call('RPUSH', KEYS[2], data)
@@ -69,24 +89,29 @@ end
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[1], 'end', 'EX', ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  finish(KEYS[4], ARGV[5], cjson.decode(ARGV[6]))
 else
   if not fence then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
   if first == 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 end
 return n
 """
+)
 
 
-# The batcher's script: many generations' pending deltas in one call, so the per-command cost
-# of a round trip (packing, parsing, Lua call) is paid once per tick, not once per generation.
-# ARGV[1]: a JSON array with, per generation, [fence key, log key, channel, token, running
-# ttl, [bodies…], its id, its `haia:inflight` entry or ""]; ARGV[2]: the in-flight hash.
-# The entry (the token count, every few deltas) is written only while the run holds the
+# The batcher's script: many generations' pending deltas, and the ends of those that ended,
+# in one call, so the per-command cost of a round trip (packing, parsing, Lua call) is paid
+# once per tick, not once per generation. ARGV[1]: a JSON array with, per generation, [fence
+# key, log key, channel, token, running ttl, [bodies…], its id, its `haia:inflight` entry or
+# "", final ttl (0 unless its last body is its `end`), its counters]; ARGV[2]: the in-flight
+# hash. The entry (the token count, every few deltas) is written only while the run holds the
 # fence, so an ended generation's entry is never written back. One JSON argument because
 # redis-py packs each argument of a command in Python: about 4 µs per generation as separate
 # arguments, under 1 µs as JSON that Redis's C cjson decodes. Returns each generation's last
 # seq, or -1/-2.
-_EMIT_MANY = """
+_EMIT_MANY = (
+    _FINISH
+    + """
 local out = {}
 for g, item in ipairs(cjson.decode(ARGV[1])) do
   local fence_key, log_key, channel, token, ttl = item[1], item[2], item[3], item[4], item[5]
@@ -104,14 +129,21 @@ for g, item in ipairs(cjson.decode(ARGV[1])) do
       redis.call('RPUSH', log_key, data)
       redis.call('PUBLISH', channel, data)
     end
-    if not fence then redis.call('SET', fence_key, token, 'EX', ttl) end
-    if first == 0 then redis.call('EXPIRE', log_key, ttl) end
-    if item[8] ~= '' then redis.call('HSET', ARGV[2], item[7], item[8]) end
+    if item[9] ~= 0 then
+      redis.call('SET', fence_key, 'end', 'EX', item[9])
+      redis.call('EXPIRE', log_key, item[9])
+      finish(ARGV[2], item[7], item[10])
+    else
+      if not fence then redis.call('SET', fence_key, token, 'EX', ttl) end
+      if first == 0 then redis.call('EXPIRE', log_key, ttl) end
+      if item[8] ~= '' then redis.call('HSET', ARGV[2], item[7], item[8]) end
+    end
     out[g] = n
   end
 end
 return out
 """
+)
 
 
 class Fenced(Exception):
@@ -180,17 +212,31 @@ async def claim(
 
 
 async def append(
-    redis: Redis, completion_id: str, token: int | str, ttls: Ttls, events: list[Event]
+    redis: Redis,
+    completion_id: str,
+    token: int | str,
+    ttls: Ttls,
+    events: list[Event],
+    counters: Sequence[Counter] = (),
 ) -> int:
-    """Append `events` (the last may be `end`) if run `token` holds the fence.
+    """Append `events` if run `token` holds the fence. When the last is `end`, the
+    generation's `haia:inflight` entry goes and `counters` are added in the same script.
 
     Returns the last sequence number; raises `Fenced` when refused.
     """
     terminal = "1" if events and events[-1].is_terminal else "0"
     result = int(
         await scripts(redis).emit(
-            keys=_keys(completion_id),
-            args=[token, ttls.running, ttls.final, terminal, *(e.body() for e in events)],
+            keys=[*_keys(completion_id), keys.INFLIGHT],
+            args=[
+                token,
+                ttls.running,
+                ttls.final,
+                terminal,
+                completion_id,
+                json.dumps(counters),
+                *(e.body() for e in events),
+            ],
             client=redis,
         )
     )
@@ -204,13 +250,24 @@ async def fence_of(redis: Redis, completion_id: str) -> str | None:
     return raw.decode() if raw is not None else None
 
 
+@dataclass
+class _Ending:
+    """An `end` waiting for the batcher, with what goes with it; `sent` resolves True once
+    appended, False when the fence refused it."""
+
+    event: Event
+    counters: list[Counter]
+    sent: asyncio.Future[bool]
+
+
 @dataclass(eq=False)
 class Publisher:
     """One run's events for one generation. `delta()` is buffered; `start()`/`end()` flush.
 
     Deltas wait in `pending` until the process's `Batcher` sends them (same tick, one round
-    trip for all generations); if Redis is away they stay pending and go out, in order, when it
-    is back. `fenced` turns true when Redis refused this run: it must stop.
+    trip for all generations), and so does the `end`; if Redis is away they stay pending and
+    go out, in order, when it is back. `fenced` turns true when Redis refused this run: it must
+    stop.
     """
 
     redis: Redis
@@ -220,6 +277,7 @@ class Publisher:
     batcher: Batcher | None = None
     pending: list[Event] = field(default_factory=list)
     fenced: bool = False
+    ending: _Ending | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _progress: str = ""
 
@@ -253,11 +311,28 @@ class Publisher:
     async def flush(self) -> None:
         await self._send([])
 
-    async def end(self, event: Event) -> None:
-        """Append whatever is pending and then `event`; raises `Fenced` if refused."""
-        await self._send([event])
+    async def end(self, event: Event, counters: Sequence[Counter] = ()) -> None:
+        """Append whatever is pending and then `event`, the generation's `end`: its
+        `haia:inflight` entry goes and `counters` are added with it. Raises `Fenced` if
+        refused.
 
-    async def _send(self, extra: list[Event]) -> None:
+        With a batcher, the `end` goes with the tick's other deltas and ends, and this waits
+        until it is sent: while Redis is away the batcher keeps it and retries, so a caller
+        that stops waiting leaves it to be announced when Redis is back (called again, it
+        waits for the same `end`)."""
+        if self.fenced:
+            raise Fenced(self.completion_id)
+        if self.batcher is None:
+            await self._send([event], counters)
+            return
+        if self.ending is None:
+            future = asyncio.get_running_loop().create_future()
+            self.ending = _Ending(event, list(counters), future)
+            self.batcher.wake(self)
+        if not await asyncio.shield(self.ending.sent):
+            raise Fenced(self.completion_id)
+
+    async def _send(self, extra: list[Event], counters: Sequence[Counter] = ()) -> None:
         async with self._lock:
             if self.fenced:
                 raise Fenced(self.completion_id)
@@ -265,7 +340,7 @@ class Publisher:
             if not batch:
                 return
             try:
-                await append(self.redis, self.completion_id, self.token, self.ttls, batch)
+                await append(self.redis, self.completion_id, self.token, self.ttls, batch, counters)
             except Fenced:
                 self.fenced = True
                 raise
@@ -275,9 +350,17 @@ class Publisher:
                 self.pending[:0] = batch[: len(batch) - len(extra)]
                 raise
 
+    def _refused(self) -> None:
+        """Redis refused this run (fenced): nothing it holds will be sent."""
+        self.fenced = True
+        self.pending = []
+        if self.ending is not None and not self.ending.sent.done():
+            self.ending.sent.set_result(False)
+
 
 class Batcher:
-    """Sends every publisher's pending deltas, once per event-loop tick, in one pipeline."""
+    """Sends every publisher's pending deltas and ends, once per event-loop tick, in one
+    script call."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -310,7 +393,7 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - Redis away: keep the deltas, retry
                 log.warning("publishing deltas failed (%s); retrying", type(exc).__name__)
                 for publisher in dirty:
-                    if publisher.pending and not publisher.fenced:
+                    if (publisher.pending or publisher.ending) and not publisher.fenced:
                         self._dirty[id(publisher)] = publisher
                 self._wake.set()
                 await asyncio.sleep(delay)
@@ -319,10 +402,13 @@ class Batcher:
     async def _flush(self, dirty: list[Publisher]) -> None:
         ready: list[Publisher] = []
         for publisher in dirty:
-            if not publisher.pending or publisher.fenced:
+            if publisher.fenced:
+                publisher._refused()
+                continue
+            if not publisher.pending and publisher.ending is None:
                 continue
             if publisher._lock.locked():
-                self._dirty[id(publisher)] = publisher  # its start/end is sending: next turn
+                self._dirty[id(publisher)] = publisher  # its start/flush is sending: next turn
                 self._wake.set()
                 continue
             await publisher._lock.acquire()  # free: returns at once, no other task runs
@@ -337,6 +423,7 @@ class Batcher:
 
     async def _send(self, ready: list[Publisher]) -> None:
         batches = [publisher.pending for publisher in ready]
+        endings = [publisher.ending for publisher in ready]
         progress = [publisher.take_progress() for publisher in ready]
         for publisher in ready:
             publisher.pending = []
@@ -346,11 +433,13 @@ class Batcher:
                     *_keys(p.completion_id),
                     str(p.token),
                     p.ttls.running,
-                    [e.body() for e in b],
+                    [e.body() for e in (b if end is None else [*b, end.event])],
                     p.completion_id,
                     entry,
+                    0 if end is None else p.ttls.final,
+                    [] if end is None else end.counters,
                 ]
-                for p, b, entry in zip(ready, batches, progress, strict=True)
+                for p, b, end, entry in zip(ready, batches, endings, progress, strict=True)
             ],
             separators=(",", ":"),
             ensure_ascii=False,
@@ -364,10 +453,15 @@ class Batcher:
                 await self._redis.script_load(_EMIT_MANY)
                 results = await self._redis.evalsha(emit_many.sha, 0, payload, keys.INFLIGHT)  # type: ignore[misc]
         except BaseException:
+            # Not sent: the deltas go back in front, the ends stay where they are.
             for publisher, batch, entry in zip(ready, batches, progress, strict=True):
                 publisher.pending[:0] = batch
                 publisher.progress(publisher.take_progress() or entry)  # a newer one wins
             raise
-        for publisher, result in zip(ready, results, strict=True):
+        for publisher, end, result in zip(ready, endings, results, strict=True):
             if int(result) < 0:
-                publisher.fenced = True
+                publisher._refused()
+            elif end is not None:
+                publisher.ending = None
+                if not end.sent.done():
+                    end.sent.set_result(True)

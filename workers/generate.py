@@ -278,8 +278,10 @@ async def _end(
     ending.first_token_at = progress.first_token_at
     if ending.status == Status.COMPLETED or progress.count:
         ending.model = progress.model  # it answered, at least in part
+    ended = False
     try:
-        if await end_run(publisher, message, ending):
+        ended = await end_run(publisher, message, ending)  # its `end` leaves `haia:inflight`
+        if ended:
             log.info(
                 "generation %s ended %s (%d deltas)",
                 message.completion_id,
@@ -287,4 +289,5 @@ async def _end(
                 progress.count,
             )
     finally:
-        await inflight.remove(str(message.completion_id))
+        if not ended:
+            await inflight.remove(str(message.completion_id))
