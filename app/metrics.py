@@ -4,8 +4,9 @@ The worker has no HTTP server, and several web processes may serve one HAIA (HAI
 or several hosts). So the counters and histograms live in Redis hashes that every process
 increments (HINCRBY: a request's count in one round trip, a generation's in the script that
 announces its end), and `GET /metrics` on any web process reads them back together with live
-gauges (in-flight generations, queue depth, workers) and renders them with prometheus_client. One scrape covers every process, and a restart of any of
-them loses no count. Recording never raises: a metric must not break a request or a generation.
+gauges (in-flight generations, queue depth, workers) and renders them with prometheus_client.
+One scrape covers every process, and a restart of any of them loses no count. Recording never
+raises: a metric must not break a request or a generation.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
 from app.openapi import secure_operations
+from app.redis_pool import quick_checkout
 from app.relay import Relay
 from app.routes import chat, completions, conversations, health, models, responses
 from app.routes import metrics as metrics_route
@@ -83,6 +84,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
             job_serializer=jobs.serialize,
             job_deserializer=jobs.deserialize,
         )
+        quick_checkout(redis)
         hub = EventHub(redis)
         await hub.start()
         http = httpx.AsyncClient()

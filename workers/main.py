@@ -27,6 +27,7 @@ from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.logs import setup_logging
 from app.preflight import require_redis
 from app.publish import Batcher
+from app.redis_pool import quick_checkout
 from workers.generate import generate
 from workers.heartbeat import Heartbeat
 from workers.openai_wire import OpenAIWire
@@ -196,7 +197,7 @@ async def _maintain(st: WorkerState) -> None:
 
 async def startup(ctx: dict[str, Any]) -> None:
     st = state(ctx)
-    st.redis = ctx["redis"]
+    st.redis = quick_checkout(ctx["redis"])  # arq's pool, shared by every job
     await open_database(st.settings.database_url)
     st.batcher = Batcher(st.redis)
     st.batcher.start()
