@@ -1,0 +1,214 @@
+"""HAIA's streaming HTTP client (`workers/sse_http.py`) against a real socket server that sends
+exactly the bytes each test scripts: framings, splits at every byte, reuse, and every way an
+answer can break off."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
+
+
+@dataclass
+class Server:
+    """Answers each request with the bytes `answer(n)` gives for the n-th request (0-based);
+    `split` writes them one byte at a time; `close_after` closes the connection after that
+    many answers on it."""
+
+    answers: list[bytes] = field(default_factory=list)
+    split: bool = False
+    close_after: int | None = None
+    connections: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                self.bodies.append(await reader.readexactly(length))
+                answer = self.answers[min(len(self.bodies) - 1, len(self.answers) - 1)]
+                if self.split:
+                    for i in range(len(answer)):
+                        writer.write(answer[i : i + 1])
+                        await writer.drain()
+                else:
+                    writer.write(answer)
+                    await writer.drain()
+                served += 1
+                if self.close_after is not None and served >= self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    state = Server()
+    listener = await asyncio.start_server(state.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    state.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    yield state
+    listener.close()
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def sse(*texts: str) -> list[bytes]:
+    events = [b"data: " + json.dumps({"t": text}).encode() + b"\n\n" for text in texts]
+    return [*events, b"data: [DONE]\n\n"]
+
+
+HEAD_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, data: bytes) -> bool:
+        if data == b"[DONE]":
+            return True
+        self.texts.append(json.loads(data)["t"])
+        return False
+
+
+async def post(client: SSEClient, server: Server, collect: Collect) -> int:
+    answer = await client.post(
+        server.url, b'{"model":"m"}', {"Accept": "text/event-stream"}, collect
+    )
+    return answer.status
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+async def test_chunked_sse_split_anywhere_arrives_whole(server: Server, split: bool) -> None:
+    server.split = split
+    server.answers = [HEAD_CHUNKED + chunked(*sse("a", "b c", "é\n"))]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    collect = Collect()
+    assert await post(client, server, collect) == 200
+    assert collect.texts == ["a", "b c", "é\n"]
+    assert server.bodies == [b'{"model":"m"}']
+    client.close()
+
+
+async def test_content_length_close_delimited_crlf_and_interim_answers(server: Server) -> None:
+    body = b"".join(sse("x", "y")).replace(b"\n", b"\r\n")
+    server.answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body),
+    ]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    collect = Collect()
+    assert await post(client, server, collect) == 200
+    assert collect.texts == ["x", "y"]
+    client.close()
+
+    server.answers = [b"HTTP/1.0 200 OK\r\n\r\n" + b"data: " + json.dumps({"t": "z"}).encode()]
+    server.close_after = 1
+    collect = Collect()
+    assert await post(SSEClient(connect_timeout=5, read_timeout=5), server, collect) == 200
+    assert collect.texts == ["z"]  # the last line had no newline: the close ended it
+
+
+async def test_gzip_bodies_are_decoded(server: Server) -> None:
+    body = gzip.compress(b"".join(sse("zipped", "too")))
+    server.answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    ]
+    collect = Collect()
+    assert await post(SSEClient(connect_timeout=5, read_timeout=5), server, collect) == 200
+    assert collect.texts == ["zipped", "too"]
+
+
+async def test_an_idle_connection_is_reused_and_a_closed_one_replaced(server: Server) -> None:
+    server.answers = [HEAD_CHUNKED + chunked(*sse("one"))]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    for _ in range(3):
+        collect = Collect()
+        assert await post(client, server, collect) == 200
+        assert collect.texts == ["one"]
+        await asyncio.sleep(0.01)  # the last chunk reaches the client after [DONE]
+    assert server.connections == 1
+    # The server closes each connection after one answer: the next request finds its idle
+    # connection closed (or closing) and is sent again on a new one, transparently.
+    server.close_after = 1
+    for _ in range(3):
+        collect = Collect()
+        assert await post(client, server, collect) == 200
+        assert collect.texts == ["one"]
+    assert len(server.bodies) >= 6  # a resend on a new connection may add one
+    client.close()
+
+
+async def test_an_error_status_returns_its_body(server: Server) -> None:
+    error = json.dumps({"error": {"message": "no such model", "code": "model_not_found"}})
+    server.answers = [
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nRetry-After: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked(error.encode()[:10], error.encode()[10:])
+    ]
+    answer = await SSEClient(connect_timeout=5, read_timeout=5).post(
+        server.url, b"{}", {}, Collect()
+    )
+    assert answer.status == 404
+    assert json.loads(answer.body) == json.loads(error)
+    assert answer.headers["retry-after"] == "3"
+
+
+async def test_a_cut_stream_raises_connection_closed(server: Server) -> None:
+    server.answers = [HEAD_CHUNKED + chunked(*sse("half"))[:40]]
+    server.close_after = 1
+    collect = Collect()
+    with pytest.raises(ConnectionClosed):
+        await post(SSEClient(connect_timeout=5, read_timeout=5), server, collect)
+
+
+async def test_silence_raises_timeout(server: Server) -> None:
+    server.answers = [HEAD_CHUNKED + b"5\r\ndata:"]  # then nothing, connection open
+    with pytest.raises(TimeoutError):
+        await post(SSEClient(connect_timeout=5, read_timeout=0.3), server, Collect())
+
+
+async def test_broken_framing_raises_protocol_error(server: Server) -> None:
+    server.answers = [HEAD_CHUNKED + b"zz\r\ndata: x\r\n"]
+    with pytest.raises(ProtocolError):
+        await post(SSEClient(connect_timeout=5, read_timeout=5), server, Collect())
+
+
+async def test_what_the_callback_raises_reaches_the_caller(server: Server) -> None:
+    server.answers = [HEAD_CHUNKED + chunked(*sse("a", "b"))]
+
+    class Stop(Exception):
+        pass
+
+    def refuse(data: bytes) -> bool:
+        raise Stop
+
+    with pytest.raises(Stop):
+        await SSEClient(connect_timeout=5, read_timeout=5).post(server.url, b"{}", {}, refuse)
+
+
+async def test_an_unreachable_server_raises_os_error() -> None:
+    with pytest.raises(ConnectionRefusedError):
+        await SSEClient(connect_timeout=5, read_timeout=5).post(
+            "http://127.0.0.1:9/v1/chat/completions", b"{}", {}, Collect()
+        )
