@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -27,8 +28,16 @@ Item = bytes | Exception | Silence
 SUBSCRIBE_TIMEOUT = 5.0
 
 
+class Listener(Protocol):
+    def push(self, item: Item) -> None:
+        """Take one message (or the error that ended the subscription), synchronously: it is
+        called from the hub's reader, which must not wait."""
+        ...
+
+
 class EventHub:
-    """Subscribes to channels on behalf of many streams over a single connection.
+    """Subscribes to channels on behalf of many streams over a single connection, handing each
+    message to the channel's listeners as it is read.
 
     `subscribe()` returns only once Redis has confirmed the subscription, so a caller that
     subscribes and *then* enqueues a job cannot miss the job's first events.
@@ -37,7 +46,7 @@ class EventHub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._pubsub: PubSub | None = None
-        self._queues: dict[str, set[asyncio.Queue[Item]]] = {}
+        self._listeners: dict[str, set[Listener]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
@@ -60,39 +69,38 @@ class EventHub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Item]]:
-        """Receive every message published on `channel` while the context is open."""
+    async def subscribe(self, channel: str, listener: Listener) -> AsyncIterator[None]:
+        """Give `listener` every message published on `channel` while the context is open."""
         pubsub = self._pubsub
         if pubsub is None or self._reader is None or self._reader.done():
             raise Unavailable("HAIA cannot reach Redis right now; try again shortly.")
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        listeners = self._queues.setdefault(channel, set())
-        listeners.add(queue)
+        listeners = self._listeners.setdefault(channel, set())
+        listeners.add(listener)
         try:
             if channel not in self._confirmed:
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
                 await pubsub.subscribe(channel)
             await asyncio.wait_for(asyncio.shield(self._confirmed[channel]), SUBSCRIBE_TIMEOUT)
         except Exception as exc:
-            self._discard(channel, queue)
+            self._discard(channel, listener)
             raise Unavailable("HAIA cannot reach Redis right now; try again shortly.") from exc
         try:
-            yield queue
+            yield
         finally:
-            if self._discard(channel, queue) and self._pubsub is pubsub:
+            if self._discard(channel, listener) and self._pubsub is pubsub:
                 # If the connection is gone there is nothing to undo.
                 with contextlib.suppress(Exception):
                     await pubsub.unsubscribe(channel)
 
-    def _discard(self, channel: str, queue: asyncio.Queue[Item]) -> bool:
-        """Forget `queue`; True when it was the channel's last listener."""
-        listeners = self._queues.get(channel)
+    def _discard(self, channel: str, listener: Listener) -> bool:
+        """Forget `listener`; True when it was the channel's last."""
+        listeners = self._listeners.get(channel)
         if listeners is None:
             return False
-        listeners.discard(queue)
+        listeners.discard(listener)
         if listeners:
             return False
-        del self._queues[channel]
+        del self._listeners[channel]
         future = self._confirmed.pop(channel, None)
         if future is not None and not future.done():
             future.cancel()
@@ -130,20 +138,23 @@ class EventHub:
             kind, channel = message["type"], message["channel"]
             name = channel.decode() if isinstance(channel, bytes) else str(channel)
             if kind == "message":
-                for queue in self._queues.get(name, ()):
-                    queue.put_nowait(message["data"])
+                for listener in tuple(self._listeners.get(name, ())):
+                    try:
+                        listener.push(message["data"])
+                    except Exception:  # one stream's fault must not stop the others'
+                        log.exception("a stream could not take an event")
             elif kind == "subscribe":
                 future = self._confirmed.get(name)
                 if future is not None and not future.done():
                     future.set_result(None)
 
     def _fail_all(self, exc: Exception) -> None:
-        for listeners in self._queues.values():
-            for queue in listeners:
-                queue.put_nowait(exc)
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.push(exc)
         for future in self._confirmed.values():
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # retrieved here; waiters see it through their own await
-        self._queues.clear()
+        self._listeners.clear()
         self._confirmed.clear()

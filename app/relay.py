@@ -14,6 +14,9 @@ from app.errors import Unavailable
 from app.events import Event
 from app.hub import SILENCE, EventHub, Item, Silence
 
+DirectWrite = Callable[[Event], bool]
+"""Sends one live event to the client at once if it can (True), without waiting."""
+
 EndCheck = Callable[[int], Awaitable[Event | None]]
 """Given the last seq sent: the generation's `end` (as seq + 1) if it is over, else None."""
 
@@ -22,14 +25,19 @@ STALE_CHECK_EVERY = 4
 
 
 class Follower:
-    """An open subscription to one generation's events."""
+    """An open subscription to one generation's events.
 
-    def __init__(
-        self, redis: Redis, completion_id: str, queue: asyncio.Queue[Item], keepalive: float
-    ) -> None:
+    Events come from the process's `EventHub` through `push`. While the stream's task waits
+    for the next live event with nothing queued, `direct` (set by the relay) may send an event
+    that is next in sequence straight to the client from the hub's reader: no queue, no task
+    switch, no await per token. Everything else (a gap, the end, a client that is not keeping
+    up, a ping) goes through the queue and the task, as before.
+    """
+
+    def __init__(self, redis: Redis, completion_id: str, keepalive: float) -> None:
         self._redis = redis
         self._log = keys.gen_log(completion_id)
-        self._queue = queue
+        self._queue: asyncio.Queue[Item | Event] = asyncio.Queue()
         # Silence is noticed by one timer per follower, not one per token: every half
         # interval it checks whether anything arrived since its last look, and if not it
         # queues SILENCE. A ping thus follows between half and one interval of silence.
@@ -37,6 +45,26 @@ class Follower:
         self._received = 0
         self._seen_at_tick = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._last = 0
+        """The seq of the last event sent to the client."""
+        self._parked = False
+        self.direct: DirectWrite | None = None
+
+    def push(self, item: Item) -> None:
+        if self._parked and self.direct is not None and isinstance(item, bytes):
+            event = Event.from_json(item)
+            if event.seq == self._last + 1 and not event.is_terminal and self._queue.empty():
+                try:
+                    sent = self.direct(event)
+                except Exception:  # noqa: BLE001 - the task sends it, and meets the error itself
+                    sent = False
+                if sent:
+                    self._received += 1
+                    self._last = event.seq
+                    return
+            self._queue.put_nowait(event)
+            return
+        self._queue.put_nowait(item)
 
     def _tick(self) -> None:
         if self._received == self._seen_at_tick:
@@ -75,7 +103,7 @@ class Follower:
         request has just enqueued), so every event arrives live and there is no log to replay
         first (a gap is still filled from the log).
         """
-        last = after
+        self._last = after
         silent = 0
         # The whole log: its end event tells whether `after` is already past the end.
         logged = [] if fresh else await self._logged(0)
@@ -85,30 +113,36 @@ class Follower:
                 yield None
                 silent += 1
                 if ended is not None and silent % STALE_CHECK_EVERY == 0:
-                    end = await ended(last)
+                    end = await ended(self._last)
                     if end is not None:
                         # The row is written after the log: what the log has now comes first.
-                        batch = await self._logged(last) or [end]
+                        batch = await self._logged(self._last) or [end]
                         continue
             else:
                 silent = 0
             for event in batch or ():
-                if event.is_terminal and event.seq <= last:
+                if event.is_terminal and event.seq <= self._last:
                     return  # resumed at or past the end: nothing more to send
-                if event.seq != last + 1:
+                if event.seq != self._last + 1:
                     continue
+                self._last = event.seq
                 yield event
-                last = event.seq
                 if event.is_terminal:
                     return
-            batch = await self._next_live(last)
+            batch = await self._next_live()
 
-    async def _next_live(self, last: int) -> list[Event] | None:
-        """The next live events after `last` (with any gap filled from the log), or None."""
+    async def _next_live(self) -> list[Event] | None:
+        """The next live events after the last one sent (with any gap filled from the log),
+        or None."""
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
         while True:
-            item = await self._queue.get()
+            self._parked = True
+            try:
+                item = await self._queue.get()
+            finally:
+                self._parked = False
+            last = self._last  # events sent directly meanwhile moved it
             if isinstance(item, Silence):
                 if self._received != self._seen_at_tick:
                     continue  # a stale tick: events arrived since it was queued
@@ -118,7 +152,7 @@ class Follower:
             self._received += 1
             if isinstance(item, Exception):
                 raise Unavailable("HAIA lost its connection to Redis; try again shortly.")
-            event = Event.from_json(item)
+            event = item if isinstance(item, Event) else Event.from_json(item)
             if event.seq <= last and not event.is_terminal:
                 continue
             missing = await self._logged(last, event.seq - 2) if event.seq > last + 1 else []
@@ -135,9 +169,9 @@ class Relay:
 
     @asynccontextmanager
     async def follow(self, completion_id: str) -> AsyncIterator[Follower]:
-        async with self._hub.subscribe(keys.gen_channel(completion_id)) as queue:
-            follower = Follower(self._redis, completion_id, queue, self._keepalive)
-            try:
+        follower = Follower(self._redis, completion_id, self._keepalive)
+        try:
+            async with self._hub.subscribe(keys.gen_channel(completion_id), follower):
                 yield follower
-            finally:
-                follower.close()
+        finally:
+            follower.close()

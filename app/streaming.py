@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -13,7 +14,7 @@ from sanic.response import HTTPResponse
 from app.db.models import FINISHED, Message, Status
 from app.errors import HaiaError, RelayedError
 from app.events import Event
-from app.relay import EndCheck
+from app.relay import EndCheck, Follower
 from app.schemas import Usage
 from app.sse import DONE, PING, ChunkWriter
 
@@ -158,9 +159,11 @@ async def relay(
     *,
     first: list[Event | None] | None = None,
     send_role: bool = True,
+    live: Follower | None = None,
 ) -> None:
     """Send `first` then `events` as chunks until the end event, then `data: [DONE]`."""
-    await relay_encoded(response, ChatEncoder(target, send_role=send_role), events, first=first)
+    encoder = ChatEncoder(target, send_role=send_role)
+    await relay_encoded(response, encoder, events, first=first, live=live)
 
 
 async def relay_encoded(
@@ -169,12 +172,18 @@ async def relay_encoded(
     events: AsyncGenerator[Event | None, None],
     *,
     first: list[Event | None] | None = None,
+    live: Follower | None = None,
 ) -> None:
     """Send `first` then `events` through `encoder` until the end event, then
-    `data: [DONE]`; a keep-alive comment for every silent interval."""
+    `data: [DONE]`; a keep-alive comment for every silent interval.
+
+    `live`: the follower `events` come from; its live events may then be written to the
+    client as they arrive (`DirectWrite`), the rest still coming through `events`."""
     opening = encoder.opening()
     if opening:
         await response.send(opening)
+    if live is not None:
+        live.direct = DirectWrite(response, encoder)
     try:
         for event in first or []:
             if await _send(response, encoder, event):
@@ -186,9 +195,48 @@ async def relay_encoded(
         # Lost Redis mid-stream: say so and end cleanly; the generation goes on in the
         # worker, and the client can re-attach once HAIA is back.
         await response.send(encoder.lost(exc.body()["error"]))
+    finally:
+        if live is not None:
+            live.direct = None
     # Also when resumed past the end: the client already had every event.
     await response.send(DONE)
     await response.eof()  # type: ignore[no-untyped-call]
+
+
+class DirectWrite:
+    """Writes a live event's frames to the client's socket from the caller, at once.
+
+    Sanic sends a chunk through three coroutines (response, HTTP/1.1 framing, protocol); a
+    follower calls this from the pub/sub reader instead, so a token costs no task switch and
+    no await. It does what they do, with the same guards: only once the response is streaming
+    with chunked framing, only while the socket takes data without waiting (an empty write
+    buffer, writing not paused), and it refreshes the protocol's last-activity time as its
+    `send` does. When any guard fails it returns False and the stream's task sends the event
+    the usual way.
+    """
+
+    def __init__(self, response: HTTPResponse, encoder: Encoder) -> None:
+        self._http: Any = response.stream
+        self._encoder = encoder
+
+    def __call__(self, event: Event) -> bool:
+        http = self._http
+        if http is None or http.response_func != http.http1_response_chunked:
+            return False
+        protocol = http.protocol
+        transport = protocol.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or not protocol._can_write.is_set()
+        ):
+            return False
+        data = self._encoder.encode(event)
+        if data:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            protocol._time = time.monotonic()
+        return True
 
 
 async def _send(response: HTTPResponse, encoder: Encoder, event: Event | None) -> bool:

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from app import keys
 from app.events import Event, EventType
-from app.hub import EventHub
+from app.hub import EventHub, Item
 from app.publish import Ttls, append
 from app.relay import Relay
 from tests.conftest import REDIS_URL
@@ -55,25 +55,79 @@ async def collect(relay: Relay, completion_id: str, after: int = 0) -> list[Even
         return [e async for e in follower.events(after=after) if e is not None]
 
 
+class Inbox:
+    """A listener that keeps what the hub hands it."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    def push(self, item: Item) -> None:
+        self.queue.put_nowait(item)
+
+
 async def test_subscribe_is_confirmed_before_it_returns(
     redis: aioredis.Redis, hub: EventHub
 ) -> None:
     channel = f"haia:test:{uuid.uuid4().hex}"
-    async with hub.subscribe(channel) as queue:
+    inbox = Inbox()
+    async with hub.subscribe(channel, inbox):
         # Redis counts the subscriber already: a publish right now cannot be missed.
         assert await redis.publish(channel, b"x") == 1
-        assert await asyncio.wait_for(queue.get(), 2) == b"x"
+        assert await asyncio.wait_for(inbox.queue.get(), 2) == b"x"
 
 
 async def test_one_connection_fans_out_to_every_listener(
     redis: aioredis.Redis, hub: EventHub
 ) -> None:
     channel = f"haia:test:{uuid.uuid4().hex}"
-    async with hub.subscribe(channel) as first, hub.subscribe(channel) as second:
+    first, second = Inbox(), Inbox()
+    async with hub.subscribe(channel, first), hub.subscribe(channel, second):
         assert await redis.publish(channel, b"y") == 1  # one Redis subscriber for both
-        assert await asyncio.wait_for(first.get(), 2) == b"y"
-        assert await asyncio.wait_for(second.get(), 2) == b"y"
+        assert await asyncio.wait_for(first.queue.get(), 2) == b"y"
+        assert await asyncio.wait_for(second.queue.get(), 2) == b"y"
     assert await redis.publish(channel, b"z") == 0  # unsubscribed when the last one left
+
+
+@pytest.mark.parametrize("keeps_up", [True, False], ids=["keeps-up", "falls-behind-at-times"])
+async def test_direct_sends_and_the_task_together_deliver_every_event_once_in_order(
+    redis: aioredis.Redis, hub: EventHub, keeps_up: bool
+) -> None:
+    """Live events next in sequence go out from the hub's reader while the stream's task
+    waits; the rest (the end, and whatever the client is not ready for) through the task."""
+    completion_id = f"chatcmpl-test{uuid.uuid4().hex}"
+    relay = Relay(redis, hub, keepalive=5)
+    pub = publisher(redis, completion_id)
+    sent: list[tuple[str, int]] = []
+    calls = 0
+
+    def direct(event: Event) -> bool:
+        nonlocal calls
+        calls += 1
+        if not keeps_up and calls % 3 == 0:
+            return False  # e.g. the client's socket buffer is full: the task sends it
+        sent.append(("direct", event.seq))
+        return True
+
+    async def produce() -> None:
+        await pub.emit("start", status="in_progress")
+        for i in range(60):
+            await pub.emit("delta", text=f"t{i}")
+            if i % 7 == 0:
+                await asyncio.sleep(0.005)  # the task parks between some of them
+        await pub.emit("end", status="completed", finish_reason="stop")
+
+    async with relay.follow(completion_id) as follower:
+        follower.direct = direct
+        producer = asyncio.create_task(produce())
+        async for event in follower.events(fresh=True):
+            if event is not None:
+                sent.append(("task", event.seq))
+        await producer
+    assert [seq for _, seq in sent] == list(range(1, 63))
+    assert sent[-1] == ("task", 62)  # the end always goes through the task
+    assert any(how == "direct" for how, _ in sent)
+    if not keeps_up:
+        assert sum(how == "task" for how, _ in sent) > 2
 
 
 async def test_live_events_in_order(redis: aioredis.Redis, hub: EventHub) -> None:

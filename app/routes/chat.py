@@ -285,7 +285,7 @@ async def _stream(
         include_usage=include_usage,
     )
     response = await open_stream(request, headers)
-    await relay(response, target, events, first=[first])
+    await relay(response, target, events, first=[first], live=follower)
 
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> ChatCompletion:

@@ -270,7 +270,7 @@ async def _stream(
     events = follower.events(fresh=True)
     if meta.get("background"):
         response = await open_stream(request, headers)
-        await relay_encoded(response, ResponseStream(meta), events)
+        await relay_encoded(response, ResponseStream(meta), events, live=follower)
         return
     # Up to the first delta or end (or a silent keep-alive interval): a failure before any
     # output is still an HTTP error.
@@ -286,7 +286,7 @@ async def _stream(
     ):
         raise failure(first)  # nothing sent yet: the client gets the real status
     response = await open_stream(request, headers)
-    await relay_encoded(response, ResponseStream(meta), events, first=buffered)
+    await relay_encoded(response, ResponseStream(meta), events, first=buffered, live=follower)
 
 
 async def _collect(svc: Services, follower: Follower, turn: Turn) -> list[Event]:
