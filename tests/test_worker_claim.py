@@ -77,3 +77,28 @@ async def test_a_job_due_later_waits(pool: ArqRedis) -> None:
     for task in list(room.tasks.values()):
         await task
     assert started == ["now"]
+
+
+async def test_a_wake_up_takes_the_jobs_it_names_and_a_full_worker_scans_later(
+    pool: ArqRedis,
+) -> None:
+    """Woken with job ids, a poll claims those ids and reads nothing else of the queue. When
+    its room ran out (or it was paused), due jobs may wait that no wake-up will name again:
+    its next poll scans the whole queue, in order."""
+    for job_id in ("unannounced", "announced-1", "announced-2"):
+        assert await jobs.enqueue(pool, "noop", job_id)
+    started: list[str] = []
+    one_slot = worker(pool, max_jobs=1, started=started)
+    one_slot.burst = False
+    one_slot._behind = False  # caught up: a wake-up's ids are all there is to take
+    await one_slot._take([b"announced-1", b"announced-2"])
+    for task in list(one_slot.tasks.values()):
+        await task
+    assert started == ["announced-1"]  # not the older job nobody announced
+    assert one_slot._behind  # "announced-2" is due and was not taken: scan next time
+    one_slot.job_counter = 0  # "announced-1" finished
+    await one_slot._take([])
+    for task in list(one_slot.tasks.values()):
+        await task
+    assert started == ["announced-1", "unannounced"]  # the scan, in queue order
+    assert one_slot._behind  # the room ran out again

@@ -80,6 +80,10 @@ class WakeableWorker(Worker):
         self._claim: Any = None
         self._wake_timeout = wake_timeout
         self._woken = asyncio.Event()
+        self._announced: list[bytes] = []
+        self._behind = True
+        """Due jobs may wait that no wake-up names (a fresh start, a full worker, paused
+        admission, a delayed retry): the next poll scans the queue."""
         self._wake_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self.lag = 0.0
@@ -92,9 +96,11 @@ class WakeableWorker(Worker):
                 await pubsub.subscribe(keys.WAKE_CHANNEL)
                 async for message in pubsub.listen():
                     if message["type"] == "message":
+                        self._announced.append(message["data"])
                         self._woken.set()
             except _REDIS_DOWN as exc:
                 log.warning("wake-up channel lost (%s); retrying", type(exc).__name__)
+                self._behind = True
                 self._woken.set()
                 await asyncio.sleep(1)
 
@@ -107,37 +113,71 @@ class WakeableWorker(Worker):
             self.lag = 0.7 * self.lag + 0.3 * max(overshoot, 0.0)
 
     async def _poll_iteration(self) -> None:
-        if self._wake_task is None and not self.burst:
+        if self.burst:
+            await super()._poll_iteration()
+            return
+        if self._wake_task is None:
             self._wake_task = asyncio.create_task(self._listen_for_wakeups())
             self._lag_task = asyncio.create_task(self._measure_lag())
         self._woken.clear()
+        announced, self._announced = self._announced, []
         if not self._draining:
             self.allow_pick_jobs = self.lag < ADMISSION_LAG or not self.tasks
         try:
-            await super()._poll_iteration()
+            await self._take(announced)
+            if self.allow_abort_jobs:
+                await self._cancel_aborted_jobs()
+            for job_id, task in list(self.tasks.items()):
+                if task.done():
+                    del self.tasks[job_id]
+                    task.result()  # what went wrong in arq's run_job is raised here
+            await self.heart_beat()
         except _REDIS_DOWN as exc:
             log.warning("Redis unavailable (%s); retrying", type(exc).__name__)
+            self._behind = True
             await asyncio.sleep(1)
-            return
-        if self.burst:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), self._wake_timeout)
+        if not self._woken.is_set():
+            self._behind = True  # a silent interval: the fallback poll scans the queue
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
+    async def _take(self, announced: list[bytes]) -> None:
+        """Take due jobs: those the wake-ups announced, or, when jobs may wait that none
+        announced, the whole queue in order. Announced ids cost what is new; a scan reads
+        every queued id, the running ones included (arq removes a job when it finishes)."""
+        if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
+            self._behind = self._behind or bool(announced)
+            return
+        if announced and not self._behind:
+            self._behind = not await self.start_jobs(announced)
+            return
+        job_ids = await self.pool.zrangebyscore(
+            self.queue_name,
+            min=float("-inf"),
+            max=timestamp_ms(),
+            start=0,
+            num=self.queue_read_limit,
+        )
+        self._behind = not await self.start_jobs(job_ids) or len(job_ids) >= self.queue_read_limit
+
+    async def start_jobs(self, job_ids: list[bytes]) -> bool:  # type: ignore[override]
         """Take the jobs of one poll in one atomic script, not arq's four round trips each
         (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC, job after job): at a few hundred
         queued generations those round trips were most of the worker's Redis time and added
         their latency, in series, to every generation's first token. Same rule as arq's: a
-        job is taken when no worker holds its in-progress key and its score is due."""
+        job is taken when no worker holds its in-progress key and its score is due. False
+        when this worker's room ran out first (due jobs may be left for a later poll)."""
         room = self.max_jobs - self.job_counter
         # The queue lists running jobs too (arq removes a job when it finishes): this
         # worker's own are skipped here, so a poll costs what is new, not what runs. Jobs
         # other workers run are skipped by the script, and do not count against `room`.
         fresh = (job_id.decode() for job_id in job_ids)
         ids = [job_id for job_id in fresh if not self._runs(job_id)]
-        if not ids or room <= 0:
-            return
+        if not ids:
+            return True
+        if room <= 0:
+            return False
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
         taken = await self._claim(
@@ -151,6 +191,7 @@ class WakeableWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(raw_score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+        return len(taken) < 2 * room  # the room ran out: due jobs may be left
 
     def _runs(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)

@@ -28,7 +28,8 @@ MAX_HEAD = 64 * 1024
 """Bytes of status line and headers accepted before the answer is refused as malformed."""
 MAX_ERROR_BODY = 256 * 1024
 """Bytes of a non-200 body kept for its error message."""
-MAX_IDLE_PER_ORIGIN = 256
+MAX_IDLE_PER_ORIGIN = 1024
+"""Idle connections kept per server: a burst of streams reuses them on the next burst."""
 
 
 class ProtocolError(Exception):
