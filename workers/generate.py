@@ -46,6 +46,40 @@ async def generate(
     """Generate the assistant turn stored under `completion_id`; return its final status."""
     st = state(ctx)
     request_id_var.set(request_id or "-")
+    async with Starting(st.starting) as starting:
+        return await _generate_started(st, completion_id, options, starting)
+
+
+class Starting:
+    """One of the worker's start slots, held from the job's start until its model request is
+    about to go out (`release`), or while it does not wait for anything else: a generation
+    waiting for a slot of a limited upstream gives its start slot back meanwhile."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def __aenter__(self) -> Starting:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+    async def acquire(self) -> None:
+        if not self._held:
+            await self._slots.acquire()
+            self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
+async def _generate_started(
+    st: WorkerState, completion_id: str, options: dict[str, Any] | None, starting: Starting
+) -> str:
     # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?), read
     # at the same time: each is a round trip before the model request.
     pipe = st.redis.pipeline(transaction=False)
@@ -74,13 +108,13 @@ async def generate(
         arrival_ms=int(message.created_at.timestamp() * 1000),
     )
     try:
-        return await _take_and_run(st, message, lease, options or {})
+        return await _take_and_run(st, message, lease, options or {}, starting)
     finally:
         await asyncio.shield(lease.leave())
 
 
 async def _take_and_run(
-    st: WorkerState, message: Message, lease: Lease, options: dict[str, Any]
+    st: WorkerState, message: Message, lease: Lease, options: dict[str, Any], starting: Starting
 ) -> str:
     """Wait (still `queued`) for a slot on the first model's upstream, then run."""
     completion_id = str(message.completion_id)
@@ -98,7 +132,10 @@ async def _take_and_run(
                 upstream=upstream.name,
             )
 
-        if not await lease.enter(first, on_wait=waiting):
+        starting.release()  # no start slot held while waiting for the upstream's
+        entered = await lease.enter(first, on_wait=waiting)
+        await starting.acquire()
+        if not entered:
             if await st.redis.exists(keys.gen_cancel(completion_id)):
                 await end_as(st.redis, st.settings, completion_id, status=Status.CANCELLED)
             return "skipped"  # ended while it waited (cancelled, or timed out in the queue)
@@ -133,7 +170,7 @@ async def _take_and_run(
         _drop(loading)
         return "skipped"
     publisher = Publisher(st.redis, completion_id, run.token, ttls(st.settings), st.batcher)
-    return await _generate(st, message, publisher, options, lease, entry, loading)
+    return await _generate(st, message, publisher, options, lease, entry, loading, starting)
 
 
 def _drop(task: asyncio.Future[Any]) -> None:
@@ -187,6 +224,7 @@ async def _generate(
     lease: Lease,
     entry: dict[str, Any],
     loading: asyncio.Future[Context],
+    starting: Starting,
 ) -> str:
     completion_id = str(message.completion_id)
     inflight = Inflight(st.redis)
@@ -209,6 +247,7 @@ async def _generate(
     try:
         async with asyncio.timeout(st.settings.job_timeout) as deadline:
             context = await loading
+            starting.release()  # the model request goes out now: the next one may start
             ending.previous_hash = context.rows[-1].prefix_hash  # the turn this answers
             outcome = await stream_model(
                 st,

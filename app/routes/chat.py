@@ -121,16 +121,17 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     # is stored (a refusal stores nothing) until it ends.
     slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
     async with slot, svc.relay.follow(completion_id) as follower:
-        turn = await start_turn(
-            owner=request.ctx.owner,
-            completion_id=completion_id,
-            messages=body.messages,
-            conversation_id=request.headers.get(CONVERSATION_HEADER) or None,
-            chat_id=request.headers.get(CHAT_ID_HEADER) or None,
-            model=model,
-            request_id=request_id_var.get(),
-        )
-        await _enqueue(svc, turn, "generate", options=body.options())
+        async with svc.storing:
+            turn = await start_turn(
+                owner=request.ctx.owner,
+                completion_id=completion_id,
+                messages=body.messages,
+                conversation_id=request.headers.get(CONVERSATION_HEADER) or None,
+                chat_id=request.headers.get(CHAT_ID_HEADER) or None,
+                model=model,
+                request_id=request_id_var.get(),
+            )
+            await _enqueue(svc, turn, "generate", options=body.options())
         headers = {CONVERSATION_HEADER: turn.conversation_id}
         if body.stream:
             await _stream(request, follower, turn, body.include_usage, headers)

@@ -183,31 +183,32 @@ async def create_response(request: Request) -> HTTPResponse | None:
     # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots, as on chat.
     slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
     async with slot, svc.relay.follow(response_id) as follower:
-        if after is not None or not body.store:
-            turn = await start_chain_turn(
-                owner=request.ctx.owner,
-                completion_id=response_id,
-                messages=messages,
-                after=after,
-                model=model,
-                request_id=request_id_var.get(),
-                on_created=record,
-                own=not body.store,  # deleted at its end: never the stored chain's
-            )
-        else:
-            turn = await start_turn(
-                owner=request.ctx.owner,
-                completion_id=response_id,
-                messages=messages,
-                conversation_id=_conversation_param(request, body),
-                chat_id=request.headers.get(CHAT_ID_HEADER) or None,
-                model=model,
-                request_id=request_id_var.get(),
-                on_created=record,
-            )
-        if not body.store:
-            await _remember(svc, request.ctx.owner, meta)
-        await _enqueue(svc, turn, "generate", options=options)
+        async with svc.storing:
+            if after is not None or not body.store:
+                turn = await start_chain_turn(
+                    owner=request.ctx.owner,
+                    completion_id=response_id,
+                    messages=messages,
+                    after=after,
+                    model=model,
+                    request_id=request_id_var.get(),
+                    on_created=record,
+                    own=not body.store,  # deleted at its end: never the stored chain's
+                )
+            else:
+                turn = await start_turn(
+                    owner=request.ctx.owner,
+                    completion_id=response_id,
+                    messages=messages,
+                    conversation_id=_conversation_param(request, body),
+                    chat_id=request.headers.get(CHAT_ID_HEADER) or None,
+                    model=model,
+                    request_id=request_id_var.get(),
+                    on_created=record,
+                )
+            if not body.store:
+                await _remember(svc, request.ctx.owner, meta)
+            await _enqueue(svc, turn, "generate", options=options)
         headers = {CONVERSATION_HEADER: turn.conversation_id} if body.store else {}
         if body.stream:
             await _stream(request, follower, turn, meta, headers)
