@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+import trustme
 
 from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
 
@@ -212,3 +214,26 @@ async def test_an_unreachable_server_raises_os_error() -> None:
         await SSEClient(connect_timeout=5, read_timeout=5).post(
             "http://127.0.0.1:9/v1/chat/completions", b"{}", {}, Collect()
         )
+
+
+async def test_https_with_a_verified_certificate_and_a_refused_one() -> None:
+    """TLS to the server's name, the certificate checked against the trusted authorities."""
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    state = Server(answers=[HEAD_CHUNKED + chunked(*sse("over", "tls"))])
+    listener = await asyncio.start_server(state.handle, "127.0.0.1", 0, ssl=server_context)
+    port = listener.sockets[0].getsockname()[1]
+    url = f"https://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        trusting = ssl.create_default_context()
+        authority.configure_trust(trusting)
+        client = SSEClient(connect_timeout=5, read_timeout=5, ssl_context=trusting)
+        collect = Collect()
+        assert (await client.post(url, b"{}", {}, collect)).status == 200
+        assert collect.texts == ["over", "tls"]
+        client.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system does not trust it
+            await SSEClient(connect_timeout=5, read_timeout=5).post(url, b"{}", {}, Collect())
+    finally:
+        listener.close()

@@ -360,11 +360,18 @@ def _chunk_size(line: bytes) -> int:
 class SSEClient:
     """POSTs JSON and reads SSE answers, keeping idle connections per origin."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
+        """For https: the system's trusted certificates unless given."""
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], on_data: OnData) -> Answer:
         """POST `body` to `url`; each SSE `data:` field of a 200 answer goes to `on_data`.
