@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-import trustme
 
 from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
 
@@ -216,18 +218,38 @@ async def test_an_unreachable_server_raises_os_error() -> None:
         )
 
 
-async def test_https_with_a_verified_certificate_and_a_refused_one() -> None:
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command (a
+    Python package for it would bring `cryptography`, which redis-py then imports in every
+    HAIA process)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_with_a_verified_certificate_and_a_refused_one(
+    certificate: tuple[Path, Path],
+) -> None:
     """TLS to the server's name, the certificate checked against the trusted authorities."""
-    authority = trustme.CA()
+    cert, key = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    server_context.load_cert_chain(cert, key)
     state = Server(answers=[HEAD_CHUNKED + chunked(*sse("over", "tls"))])
     listener = await asyncio.start_server(state.handle, "127.0.0.1", 0, ssl=server_context)
     port = listener.sockets[0].getsockname()[1]
     url = f"https://127.0.0.1:{port}/v1/chat/completions"
     try:
-        trusting = ssl.create_default_context()
-        authority.configure_trust(trusting)
+        trusting = ssl.create_default_context(cafile=str(cert))
         client = SSEClient(connect_timeout=5, read_timeout=5, ssl_context=trusting)
         collect = Collect()
         assert (await client.post(url, b"{}", {}, collect)).status == 200
