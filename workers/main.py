@@ -59,6 +59,12 @@ end
 return taken
 """
 
+POLL_COALESCE = 0.002
+"""Seconds a poll waits after the previous one, so that the jobs enqueued meanwhile are claimed
+by one script (a poll right after a quiet spell goes at once)."""
+ABORT_CHECK_EVERY = 0.05
+"""Seconds between two reads of arq's abort set (it was one round trip per poll)."""
+
 ADMISSION_LAG = 0.1
 """Seconds of event-loop lag above which a worker stops taking new generations: the ones it
 runs would slow down, and the queue (or another worker) serves the rest at full speed."""
@@ -81,6 +87,8 @@ class WakeableWorker(Worker):
         self._wake_timeout = wake_timeout
         self._woken = asyncio.Event()
         self._announced: list[bytes] = []
+        self._polled_at = 0.0
+        self._abort_check_at = 0.0
         self._behind = True
         """Due jobs may wait that no wake-up names (a fresh start, a full worker, paused
         admission, a delayed retry): the next poll scans the queue."""
@@ -119,13 +127,19 @@ class WakeableWorker(Worker):
         if self._wake_task is None:
             self._wake_task = asyncio.create_task(self._listen_for_wakeups())
             self._lag_task = asyncio.create_task(self._measure_lag())
+        loop = asyncio.get_running_loop()
+        wait = self._polled_at + POLL_COALESCE - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._polled_at = loop.time()
         self._woken.clear()
         announced, self._announced = self._announced, []
         if not self._draining:
             self.allow_pick_jobs = self.lag < ADMISSION_LAG or not self.tasks
         try:
             await self._take(announced)
-            if self.allow_abort_jobs:
+            if self.allow_abort_jobs and self._polled_at >= self._abort_check_at:
+                self._abort_check_at = self._polled_at + ABORT_CHECK_EVERY
                 await self._cancel_aborted_jobs()
             for job_id, task in list(self.tasks.items()):
                 if task.done():
