@@ -7,7 +7,6 @@ when the next request arrives on the same keep-alive connection, whichever comes
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from time import perf_counter
@@ -16,7 +15,6 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 
 from app.config import Settings
-from app.metrics import record_request
 
 log = logging.getLogger("haia.access")
 
@@ -43,7 +41,6 @@ class AccessLog:
     def __init__(self, app: Sanic[Any, Any], settings: Settings) -> None:
         self._app = app
         self._enabled = settings.access_log
-        self._pending: set[asyncio.Task[None]] = set()
 
     def done(self, request: Request, status: int) -> None:
         if getattr(request.ctx, "access_done", True):
@@ -70,10 +67,7 @@ class AccessLog:
             )
         services = getattr(self._app.ctx, "services", None)
         if services is not None:
-            count = record_request(services.redis, route=route_label(request), status=status)
-            task = asyncio.create_task(count)
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            services.requests.add(route=route_label(request), status=status)
 
     def end_open_stream(self, conn_info: Any) -> None:
         request = getattr(conn_info.ctx, "haia_stream", None) if conn_info else None

@@ -13,6 +13,7 @@ from sanic import Request
 from app.catalog import Catalog
 from app.config import Settings
 from app.hub import EventHub
+from app.metrics import RequestCounts
 from app.relay import Relay
 from app.stream_slots import StreamSlots
 
@@ -36,6 +37,7 @@ class Services:
     http: httpx.AsyncClient
     catalog: Catalog
     streams: StreamSlots
+    requests: RequestCounts
     storing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STORING_AT_ONCE))
     """Turns being stored and enqueued at once; the others wait their turn (see below)."""
 

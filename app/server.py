@@ -40,6 +40,7 @@ from app.errors import HaiaError, InvalidRequest, Unauthorized, Unavailable, err
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.hub import EventHub
 from app.logs import request_id_var
+from app.metrics import RequestCounts
 from app.openapi import secure_operations
 from app.redis_pool import quick_checkout
 from app.relay import Relay
@@ -92,6 +93,8 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
             redis, limit=settings.max_streams_per_owner, lease=4 * settings.keepalive_interval
         )
         streams.start()
+        requests = RequestCounts(redis)
+        requests.start()
         app.ctx.services = Services(
             settings=settings,
             redis=redis,
@@ -100,6 +103,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
             http=http,
             catalog=Catalog(settings, http),
             streams=streams,
+            requests=requests,
         )
 
     async def reap(app: App) -> None:
@@ -133,6 +137,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
     async def close_resources(app: App) -> None:
         svc: Services = app.ctx.services
         await svc.streams.stop()
+        await svc.requests.stop()
         await svc.hub.stop()
         await svc.http.aclose()
         await svc.redis.aclose()

@@ -28,5 +28,6 @@ bp = Blueprint("metrics")
 async def metrics(request: Request) -> HTTPResponse:
     svc = services(request)
     limited = [u.name for u in svc.settings.upstreams.values() if u.max_concurrent]
+    await svc.requests.flush()  # this process's latest counts are in what it shows
     snapshot = await read_snapshot(svc.redis, limited=limited)
     return raw(render(snapshot), content_type=CONTENT_TYPE_LATEST)
