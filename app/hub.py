@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -50,6 +49,11 @@ class EventHub:
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
+        # SUBSCRIBE and UNSUBSCRIBE of one tick go out as one command each: a stream's own
+        # pair was two socket writes per request.
+        self._subscribing: set[str] = set()
+        self._unsubscribing: set[str] = set()
+        self._sender: asyncio.Task[None] | None = None
         # A channel of our own keeps the connection subscribed (and readable) at all times.
         self._own_channel = f"{keys.PREFIX}web:{os.getpid()}:{id(self)}"
 
@@ -62,6 +66,9 @@ class EventHub:
         self._reader = asyncio.create_task(self._run(), name="haia-event-hub")
 
     async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -79,7 +86,7 @@ class EventHub:
         try:
             if channel not in self._confirmed:
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
-                await pubsub.subscribe(channel)
+                self._request(channel, subscribe=True)
             await asyncio.wait_for(asyncio.shield(self._confirmed[channel]), SUBSCRIBE_TIMEOUT)
         except Exception as exc:
             self._discard(channel, listener)
@@ -89,8 +96,40 @@ class EventHub:
         finally:
             if self._discard(channel, listener) and self._pubsub is pubsub:
                 # If the connection is gone there is nothing to undo.
-                with contextlib.suppress(Exception):
-                    await pubsub.unsubscribe(channel)
+                self._request(channel, subscribe=False)
+
+    def _request(self, channel: str, *, subscribe: bool) -> None:
+        """Subscribe to `channel` or leave it, with the other requests of this tick. The last
+        request for a channel wins (a Redis reply confirms each subscription)."""
+        if subscribe:
+            self._unsubscribing.discard(channel)
+            self._subscribing.add(channel)
+        else:
+            self._subscribing.discard(channel)
+            self._unsubscribing.add(channel)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_requests(), name="haia-hub-requests")
+
+    async def _send_requests(self) -> None:
+        await asyncio.sleep(0)  # the requests of this tick join in
+        while self._subscribing or self._unsubscribing:
+            pubsub = self._pubsub
+            leaving, self._unsubscribing = self._unsubscribing, set()
+            joining, self._subscribing = self._subscribing, set()
+            if pubsub is None:
+                return  # no connection: its loss already failed every waiting subscriber
+            try:
+                if leaving:
+                    await pubsub.unsubscribe(*leaving)
+                if joining:
+                    await pubsub.subscribe(*joining)
+            except Exception as exc:  # noqa: BLE001 - the reader reconnects; say so to waiters
+                for channel in joining:
+                    future = self._confirmed.get(channel)
+                    if future is not None and not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # retrieved; the waiter sees it through its await
+                return
 
     def _discard(self, channel: str, listener: Listener) -> bool:
         """Forget `listener`; True when it was the channel's last."""
@@ -158,3 +197,5 @@ class EventHub:
                 future.exception()  # retrieved here; waiters see it through their own await
         self._listeners.clear()
         self._confirmed.clear()
+        self._subscribing.clear()
+        self._unsubscribing.clear()

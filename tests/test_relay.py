@@ -85,7 +85,12 @@ async def test_one_connection_fans_out_to_every_listener(
         assert await redis.publish(channel, b"y") == 1  # one Redis subscriber for both
         assert await asyncio.wait_for(first.queue.get(), 2) == b"y"
         assert await asyncio.wait_for(second.queue.get(), 2) == b"y"
-    assert await redis.publish(channel, b"z") == 0  # unsubscribed when the last one left
+    for _ in range(100):  # unsubscribed when the last one left (with that tick's others)
+        if await redis.publish(channel, b"z") == 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("still subscribed after the last listener left")
 
 
 @pytest.mark.parametrize("keeps_up", [True, False], ids=["keeps-up", "falls-behind-at-times"])
