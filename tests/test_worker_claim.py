@@ -87,6 +87,8 @@ async def test_a_wake_up_takes_the_jobs_it_names_and_a_full_worker_scans_later(
     its next poll scans the whole queue, in order."""
     for job_id in ("unannounced", "announced-1", "announced-2"):
         assert await jobs.enqueue(pool, "noop", job_id)
+    # Queue order is by score (enqueue time in ms), then by id: make the order explicit.
+    await pool.zadd(keys.QUEUE, {"unannounced": 1, "announced-1": 2, "announced-2": 3})
     started: list[str] = []
     one_slot = worker(pool, max_jobs=1, started=started)
     one_slot.burst = False
