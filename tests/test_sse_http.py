@@ -30,10 +30,20 @@ class Server:
     close_after: int | None = None
     connections: int = 0
     bodies: list[bytes] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
     url: str = ""
+
+    async def close(self, listener: asyncio.Server) -> None:
+        """Close the server's side of every connection, so no handler outlives the test."""
+        listener.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.sleep(0.05)  # the handlers see the close and return
+        await listener.wait_closed()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         served = 0
         try:
             while True:
@@ -54,8 +64,8 @@ class Server:
                 served += 1
                 if self.close_after is not None and served >= self.close_after:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client (or the test's end) closed the connection
         finally:
             writer.close()
 
@@ -67,7 +77,7 @@ async def server() -> AsyncIterator[Server]:
     port = listener.sockets[0].getsockname()[1]
     state.url = f"http://127.0.0.1:{port}/v1/chat/completions"
     yield state
-    listener.close()
+    await state.close(listener)
 
 
 def chunked(*pieces: bytes) -> bytes:
@@ -258,4 +268,4 @@ async def test_https_with_a_verified_certificate_and_a_refused_one(
         with pytest.raises(ssl.SSLCertVerificationError):  # the system does not trust it
             await SSEClient(connect_timeout=5, read_timeout=5).post(url, b"{}", {}, Collect())
     finally:
-        listener.close()
+        await state.close(listener)
