@@ -135,11 +135,7 @@ class OpenAIWire:
         answer = await self._direct.post(url, payload, headers, on_data)
         if answer.status != 200:
             raise _status_error(endpoint, body, answer.status, answer.headers, answer.body)
-        if done:
-            return {**state, "finish_reason": state["finish_reason"] or "stop"}
-        if state["finish_reason"] is None:
-            raise UpstreamError(f"The model's server ({endpoint.provider}) cut the answer short.")
-        return state
+        return _outcome(endpoint, state, done=done)
 
 
 @lru_cache(maxsize=64)
@@ -159,7 +155,15 @@ async def _read(endpoint: Endpoint, response: aiohttp.ClientResponse, sink: Any)
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.startswith(b"data:") and _event(endpoint, line[5:].strip(), sink, state):
-                return {**state, "finish_reason": state["finish_reason"] or "stop"}
+                return _outcome(endpoint, state, done=True)
+    return _outcome(endpoint, state, done=False)
+
+
+def _outcome(endpoint: Endpoint, state: dict[str, Any], *, done: bool) -> dict[str, Any]:
+    """How a read answer ended: at `[DONE]` (finished, `stop` unless it said otherwise), or
+    when the body ended without it: finished only if a finish reason came."""
+    if done:
+        return {**state, "finish_reason": state["finish_reason"] or "stop"}
     if state["finish_reason"] is None:
         raise UpstreamError(f"The model's server ({endpoint.provider}) cut the answer short.")
     return state
