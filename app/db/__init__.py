@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tortoise import Tortoise
+from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.migrations.api.migrate import migrate
 
 APP_LABEL = "haia"
@@ -14,7 +15,7 @@ APP_LABEL = "haia"
 def tortoise_config(database_url: str) -> dict[str, Any]:
     """The Tortoise config for `database_url` (`sqlite://…` or `postgres://…`)."""
     return {
-        "connections": {"default": _tuned(database_url)},
+        "connections": {"default": _connection(database_url)},
         "apps": {
             APP_LABEL: {
                 "models": ["app.db.models"],
@@ -25,6 +26,16 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
         "use_tz": True,
         "timezone": "UTC",
     }
+
+
+def _connection(database_url: str) -> str | dict[str, Any]:
+    """PostgreSQL as Tortoise opens it; SQLite tuned, on the client that runs statements on
+    the event loop's thread (`app.db.sqlite_inline`)."""
+    if not database_url.startswith("sqlite://"):
+        return database_url
+    config = expand_db_url(_tuned(database_url))
+    config["engine"] = "app.db.sqlite_inline"
+    return config
 
 
 def _tuned(database_url: str) -> str:
