@@ -19,6 +19,11 @@ from app.logs import setup_logging
 from app.preflight import require, require_redis, warn_if_exposed
 from app.server import create_app
 
+BACKLOG = 4096
+"""Connections the kernel queues before the web accepts them (capped by `net.core.somaxconn`).
+Sanic's default of 100 overflowed when a few hundred clients connected at once: the kernel
+dropped their SYNs, and each dropped client waited a full second for its retransmission."""
+
 
 def main() -> None:
     settings = load_settings()
@@ -39,6 +44,7 @@ def main() -> None:
         app.run(
             host=settings.host,
             port=settings.port,
+            backlog=BACKLOG,
             single_process=True,
             access_log=False,
             motd=False,
@@ -56,7 +62,7 @@ def serve_forked(app: Sanic[Any, Any], settings: Settings) -> None:
     migration's connections are closed), and this process forwards SIGTERM/SIGINT to them and
     waits for all of them before it exits (stopping the embedded Redis, when it started one).
     """
-    sock = socket.create_server((settings.host, settings.port), backlog=1024)
+    sock = socket.create_server((settings.host, settings.port), backlog=BACKLOG)
     sock.set_inheritable(True)
     children: list[int] = []
     for _ in range(settings.web_workers):
