@@ -15,12 +15,16 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
+from tortoise import timezone
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from app.content import identity, stored_parts, tool_calls_json
-from app.db.models import Blob, ChatLink, Conversation, Message, Status
+from app.db import raw
+from app.db.models import Blob, ChatLink, Conversation, Message, Status, new_conversation_id
 from app.errors import InvalidRequest, NotFound
 from app.schemas import ChatMessage
 
@@ -87,12 +91,32 @@ class Turn:
 
 async def head_digest(conversation: Conversation) -> str | None:
     """The digest of everything stored in `conversation` so far."""
-    head = (
-        await Message.filter(conversation=conversation, prefix_hash__isnull=False)
-        .order_by("-id")
-        .first()
+    rows = await raw.values(
+        Message,
+        lambda s: (
+            f"SELECT {s.column('prefix_hash')} FROM {raw.table(Message)} "
+            f"WHERE {s.where({'conversation_id': conversation.id})} "
+            f"AND {s.column('prefix_hash')} IS NOT NULL ORDER BY {s.column('id')} DESC LIMIT 1"
+        ),
     )
-    return head.prefix_hash if head else None
+    return str(rows[0][0]) if rows else None
+
+
+async def _new_conversation(*, owner: str, title: str) -> Conversation:
+    """A new, empty conversation (one plain INSERT: the ORM's `create` costs several times
+    the statement on a turn's path)."""
+    now = timezone.now()
+    row: dict[str, Any] = {
+        "id": new_conversation_id(),
+        "owner": owner,
+        "title": title,
+        "title_from_task": False,
+        "parent_id": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    await raw.insert(Conversation, [row])
+    return Conversation._init_from_db(**row)
 
 
 async def conversation_for_chat(owner: str, chat_id: str, *, title: str = "") -> Conversation:
@@ -158,9 +182,9 @@ def _has_dialogue(history: Sequence[ChatMessage]) -> bool:
     return any(message.role in ("user", "assistant", "tool") for message in history)
 
 
-OnCreated = Callable[[Conversation, Message], Awaitable[None]]
-"""Called inside the turn's transaction, once the assistant row exists (e.g. to store the
-Responses API's record of it)."""
+OnCreated = Callable[[Conversation, datetime], Awaitable[None]]
+"""Called inside the turn's transaction, once the assistant row exists, with its creation
+time (e.g. to store the Responses API's record of it)."""
 
 
 async def start_turn(
@@ -185,7 +209,7 @@ async def start_turn(
         incoming = messages
         head: str | None = None  # what `conversation` holds (new: nothing)
         if conversation is None:
-            conversation = await Conversation.create(owner=owner, title=title_from(messages))
+            conversation = await _new_conversation(owner=owner, title=title_from(messages))
         else:
             head = await head_digest(conversation)
             if head is not None and (history_hash is None or history_hash == head):
@@ -196,15 +220,20 @@ async def start_turn(
                 head = None  # a branch starts empty
             if not conversation.title:
                 # Only where still untitled: a title task racing this turn may have named it.
-                await Conversation.filter(id=conversation.id, title="").update(
-                    title=title_from(messages)
+                await raw.update(
+                    Conversation, {"title": title_from(messages)}, id=conversation.id, title=""
                 )
-            await conversation.save(update_fields=["updated_at"])
-        await _store_messages(
+            await _touch(conversation)
+        rows = await _message_rows(
             conversation, incoming, offset=len(messages) - len(incoming), head=head
         )
         return await _queue_assistant(
-            conversation, completion_id, model=model, request_id=request_id, on_created=on_created
+            conversation,
+            rows,
+            completion_id,
+            model=model,
+            request_id=request_id,
+            on_created=on_created,
         )
 
 
@@ -228,7 +257,7 @@ async def start_chain_turn(
     """
     async with in_transaction():
         if after is None:
-            conversation = await Conversation.create(owner=owner, title=title_from(messages))
+            conversation = await _new_conversation(owner=owner, title=title_from(messages))
         else:
             conversation = await Conversation.get(
                 id=after.conversation_id  # type: ignore[attr-defined]
@@ -236,14 +265,24 @@ async def start_chain_turn(
             later = await Message.filter(conversation=conversation, id__gt=after.id).exists()
             if later or own:
                 conversation = await _fork(conversation, owner=owner, upto=after.id)
-            await conversation.save(update_fields=["updated_at"])
+            await _touch(conversation)
         if after is not None and messages and _restates(messages[0], after):
             messages = messages[1:]
         head = await head_digest(conversation) if after is not None else None  # new: empty
-        await _store_messages(conversation, messages, offset=0, head=head)
+        rows = await _message_rows(conversation, messages, offset=0, head=head)
         return await _queue_assistant(
-            conversation, completion_id, model=model, request_id=request_id, on_created=on_created
+            conversation,
+            rows,
+            completion_id,
+            model=model,
+            request_id=request_id,
+            on_created=on_created,
         )
+
+
+async def _touch(conversation: Conversation) -> None:
+    conversation.updated_at = timezone.now()
+    await raw.update(Conversation, {"updated_at": conversation.updated_at}, id=conversation.id)
 
 
 def _restates(message: ChatMessage, after: Message) -> bool:
@@ -258,12 +297,13 @@ def _restates(message: ChatMessage, after: Message) -> bool:
     )
 
 
-async def _store_messages(
+async def _message_rows(
     conversation: Conversation, messages: Sequence[ChatMessage], *, offset: int, head: str | None
-) -> None:
-    """Append `messages` to `conversation`, whose stored messages digest to `head`."""
+) -> list[dict[str, Any]]:
+    """The rows that append `messages` to `conversation`, whose stored messages digest to
+    `head` (their images are stored here, the rows by the caller)."""
     previous = head
-    rows = []
+    rows: list[dict[str, Any]] = []
     blobs: dict[str, Blob] = {}
     for index, message in enumerate(messages, start=offset):
         if message.role not in _STORED_ROLES:
@@ -273,47 +313,54 @@ async def _store_messages(
         parts, new_blobs = stored_parts(message, index)
         blobs.update((blob.sha256, blob) for blob in new_blobs)
         rows.append(
-            Message(
-                conversation=conversation,
-                role=role,
-                content=message.text,
-                parts=parts,
-                tool_calls=tool_calls_json(message),
-                tool_call_id=message.tool_call_id if role == "tool" else None,
-                prefix_hash=previous,
-            )
+            {
+                "conversation_id": conversation.id,
+                "role": role,
+                "content": message.text,
+                "parts": parts,
+                "tool_calls": tool_calls_json(message),
+                "tool_call_id": message.tool_call_id if role == "tool" else None,
+                "prefix_hash": previous,
+            }
         )
     if blobs:
         found = await Blob.filter(sha256__in=list(blobs)).values_list("sha256", flat=True)
         known = {str(sha) for sha in found}
         new = [blob for sha, blob in blobs.items() if sha not in known]
         await Blob.bulk_create(new, ignore_conflicts=True)  # a concurrent turn may add it
-    await Message.bulk_create(rows)
+    return rows
 
 
 async def _queue_assistant(
     conversation: Conversation,
+    rows: list[dict[str, Any]],
     completion_id: str,
     *,
     model: str,
     request_id: str,
     on_created: OnCreated | None,
 ) -> Turn:
-    assistant = await Message.create(
-        conversation=conversation,
-        role="assistant",
-        status=Status.QUEUED,
-        completion_id=completion_id,
-        model=model,
-        request_id=request_id,
+    """Store the turn's new `rows` and, after them, its queued assistant row: one INSERT."""
+    created = timezone.now()
+    rows.append(
+        {
+            "conversation_id": conversation.id,
+            "role": "assistant",
+            "status": Status.QUEUED,
+            "completion_id": completion_id,
+            "model": model,
+            "request_id": request_id,
+            "created_at": created,
+        }
     )
+    await raw.insert(Message, rows)
     if on_created is not None:
-        await on_created(conversation, assistant)
+        await on_created(conversation, created)
     return Turn(
         conversation_id=conversation.id,
         completion_id=completion_id,
         model=model,
-        created=int(assistant.created_at.timestamp()),
+        created=int(created.timestamp()),
     )
 
 

@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
@@ -21,6 +22,7 @@ from sanic_ext.extensions.openapi.definitions import Component
 
 from app import keys
 from app.context import Services, services
+from app.db import raw as sql
 from app.db.models import ACTIVE, FINISHED, Conversation, Message, Status
 from app.db.models import Response as StoredResponse
 from app.errors import InvalidRequest, NotFound, Unavailable
@@ -167,18 +169,20 @@ async def create_response(request: Request) -> HTTPResponse | None:
     meta = body.meta(response_id=response_id, model=model, created_at=int(time.time()))
     inputs = _input_items(body, response_id)
 
-    async def record(conversation: Conversation, assistant: Message) -> None:
-        meta["created_at"] = int(assistant.created_at.timestamp())
+    async def record(conversation: Conversation, created: datetime) -> None:
+        meta["created_at"] = int(created.timestamp())
         if body.store:
             meta["conversation_id"] = conversation.id
-        await StoredResponse.create(
-            id=response_id,
-            owner=request.ctx.owner,
-            conversation=conversation,
-            meta=meta,
-            input=inputs,
-            store=body.store,
-        )
+        row = {
+            "id": response_id,
+            "owner": request.ctx.owner,
+            "conversation_id": conversation.id,
+            "meta": meta,
+            "input": inputs,
+            "store": body.store,
+            "created_at": created,
+        }
+        await sql.insert(StoredResponse, [row])
 
     # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots, as on chat.
     slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
