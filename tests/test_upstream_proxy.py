@@ -1,13 +1,19 @@
 """The worker honours HTTP(S)_PROXY and NO_PROXY for upstream requests, as the SDKs do,
-looking them up once per URL (aiohttp's own `trust_env` re-read ~/.netrc on every request)."""
+looking them up once per URL (aiohttp's own `trust_env` re-read ~/.netrc on every request),
+and streams through a real forward proxy to the fake upstream."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
-from workers.openai_wire import _proxy_for
+from app.errors import HaiaError
+from app.upstreams import Upstream
+from tests.procs import free_port
+from workers.openai_wire import Endpoint, OpenAIWire, Transient, _proxy_for
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +42,142 @@ def test_no_proxy_bypasses_listed_hosts(monkeypatch: pytest.MonkeyPatch) -> None
     assert _proxy_for("http://127.0.0.1:11434/v1/chat/completions") is None
     assert _proxy_for("http://gpubox.lan:11434/v1/chat/completions") is None
     assert _proxy_for("http://10.0.0.5:11434/v1/chat/completions") == "http://plain-proxy:3128"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning_text: list[str] = []
+        self.pieces: list[dict[str, object]] = []
+
+    def delta(self, text: str) -> None:
+        self.text.append(text)
+
+    def reasoning(self, text: str) -> None:
+        self.reasoning_text.append(text)
+
+    def tool(self, piece: dict[str, object]) -> None:
+        self.pieces.append(piece)
+
+
+class _ForwardProxy:
+    """A plain HTTP forward proxy, as squid is to a worker: it takes absolute-form requests
+    (`POST http://host:port/path HTTP/1.1`), sends them on to that host, and pipes the answer
+    back. It records the request lines it saw, and can refuse everything (a broken proxy)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.refuse = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, version = head.split(b"\r\n", 1)[0].decode().split(" ")
+            self.seen.append(f"{method} {target}")
+            if self.refuse:
+                writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+                return
+            url = urlsplit(target)
+            upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
+            rest = head.split(b"\r\n", 1)[1]
+            path = f"{url.path}?{url.query}" if url.query else url.path
+            upstream_writer.write(f"{method} {path} {version}\r\n".encode() + rest)
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+
+            upload = asyncio.create_task(pipe(reader, upstream_writer))
+            try:
+                await pipe(upstream_reader, writer)
+            finally:
+                upload.cancel()
+                upstream_writer.close()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_ForwardProxy]:
+    proxy = _ForwardProxy()
+    monkeypatch.setenv("HTTP_PROXY", await proxy.start())
+    yield proxy
+    await proxy.stop()
+
+
+def _endpoint(base_url: str) -> Endpoint:
+    upstream = Upstream(
+        name="ollama", kind="ollama", base_url=f"{base_url}/v1", url_variable="OLLAMA_BASE_URL"
+    )
+    return Endpoint(upstream)
+
+
+async def test_a_proxied_upstream_streams_through_the_proxy(
+    forward_proxy: _ForwardProxy, fake_upstream: str
+) -> None:
+    wire = OpenAIWire(timeout=10)
+    sink = _Sink()
+    try:
+        body = {
+            "model": "fake-model",
+            "stream": True,
+            "messages": [{"role": "user", "content": "#fake tokens=5 think=2"}],
+        }
+        outcome = await wire.stream(_endpoint(fake_upstream), body, sink)
+    finally:
+        await wire.aclose()
+    assert forward_proxy.seen == [f"POST {fake_upstream}/v1/chat/completions"]
+    assert "".join(sink.text) == "tok0 tok1 tok2 tok3 tok4 "
+    assert "".join(sink.reasoning_text) == "think0 think1 "
+    assert outcome["finish_reason"] == "stop"
+
+
+async def test_a_proxy_that_refuses_is_the_upstreams_error(
+    forward_proxy: _ForwardProxy, fake_upstream: str
+) -> None:
+    forward_proxy.refuse = True
+    wire = OpenAIWire(timeout=10)
+    try:
+        body = {
+            "model": "fake-model",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        with pytest.raises(HaiaError) as raised:
+            await wire.stream(_endpoint(fake_upstream), body, _Sink())
+    finally:
+        await wire.aclose()
+    assert raised.value.status >= 500  # an OpenAI-shaped 5xx for the client, not a crash
+
+
+async def test_an_unreachable_proxy_is_an_unreachable_upstream(
+    monkeypatch: pytest.MonkeyPatch, fake_upstream: str
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    wire = OpenAIWire(timeout=10)
+    try:
+        body = {
+            "model": "fake-model",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        with pytest.raises(Transient) as raised:
+            await wire.stream(_endpoint(fake_upstream), body, _Sink())
+    finally:
+        await wire.aclose()
+    assert "OLLAMA_BASE_URL" in raised.value.error.message

@@ -19,10 +19,8 @@ import json
 import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from app.errors import (
     HaiaError,
@@ -36,6 +34,9 @@ from app.errors import (
 )
 from app.upstreams import Upstream
 from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
+
+if TYPE_CHECKING:
+    from workers.proxied import ProxiedSession
 
 
 class Transient(HaiaError):
@@ -62,30 +63,28 @@ class OpenAIWire:
 
     Direct connections go through `SSEClient` (`workers/sse_http.py`), which parses the SSE
     answer where its bytes arrive, with no task switch per chunk. Requests through an HTTP(S)
-    proxy go through aiohttp, whose C parser also made it the cheaper of the two libraries
-    measured before (httpx's pure-Python stack took a fifth of the worker's CPU at 500 streams).
+    proxy go through aiohttp (`workers.proxied`, imported on the first such request), whose C
+    parser also made it the cheaper of the two libraries measured before (httpx's pure-Python
+    stack took a fifth of the worker's CPU at 500 streams). HTTP(S)_PROXY are honoured as the
+    SDKs honour them, looked up once per upstream (`_proxy_for`).
     """
 
     def __init__(self, *, timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout = timeout
+        self._proxied: ProxiedSession | None = None
         self._direct = SSEClient(connect_timeout=10.0, read_timeout=timeout)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                # HTTP(S)_PROXY are honoured as the SDKs honour them, but looked up once per
-                # upstream (`_proxy_for`): aiohttp's trust_env reads ~/.netrc on every request.
-                trust_env=False,
-            )
-        return self._session
+    def _proxied_session(self) -> ProxiedSession:
+        if self._proxied is None:
+            from workers.proxied import ProxiedSession  # aiohttp: only when a proxy is used
+
+            self._proxied = ProxiedSession(timeout=self._timeout)
+        return self._proxied
 
     async def aclose(self) -> None:
         self._direct.close()
-        if self._session is not None:
-            await self._session.close()
+        if self._proxied is not None:
+            await self._proxied.close()
 
     async def stream(self, endpoint: Endpoint, body: dict[str, Any], sink: Any) -> dict[str, Any]:
         """POST a streaming chat completion; deltas go to `sink` (`delta`, `reasoning`,
@@ -99,20 +98,14 @@ class OpenAIWire:
         try:
             if proxy is None:
                 return await self._stream_direct(endpoint, url, body, headers, sink)
-            async with self._client().post(
-                url, json=body, headers=headers, proxy=proxy
-            ) as response:
-                if response.status != 200:
-                    raw = await response.read()
-                    raise _status_error(endpoint, body, response.status, response.headers, raw)
-                return await _read(endpoint, response, sink)
+            return await self._proxied_session().stream(endpoint, url, body, headers, proxy, sink)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"{server} did not answer within HAIA_LLM_TIMEOUT.") from exc
-        except (aiohttp.ClientConnectorError, OSError) as exc:
+        except OSError as exc:
             raise Transient(
                 Unavailable(f"{server} is unreachable; check {endpoint.upstream.url_variable}.")
             ) from exc
-        except (aiohttp.ClientError, ConnectionClosed, ProtocolError) as exc:
+        except (ConnectionClosed, ProtocolError) as exc:
             raise UpstreamError(f"{server} closed the connection.") from exc
 
     async def _stream_direct(
@@ -145,18 +138,6 @@ def _proxy_for(url: str) -> str | None:
     if urllib.request.proxy_bypass(parts.netloc):
         return None
     return urllib.request.getproxies_environment().get(parts.scheme)
-
-
-async def _read(endpoint: Endpoint, response: aiohttp.ClientResponse, sink: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {"finish_reason": None, "usage": None}
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:") and _event(endpoint, line[5:].strip(), sink, state):
-                return _outcome(endpoint, state, done=True)
-    return _outcome(endpoint, state, done=False)
 
 
 def _outcome(endpoint: Endpoint, state: dict[str, Any], *, done: bool) -> dict[str, Any]:
