@@ -8,14 +8,12 @@ import hashlib
 import hmac
 import logging
 import re
+import sys
 import uuid
 from types import SimpleNamespace
 
 import httpx
 from arq.connections import RedisSettings, create_pool
-from asyncpg.exceptions import DataError as PgDataError
-from asyncpg.exceptions import InterfaceError, PostgresConnectionError
-from asyncpg.exceptions._base import DataError as PgClientDataError
 from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
@@ -65,15 +63,30 @@ _SANIC_TYPES = {
 }
 PUBLIC_PATHS = frozenset({"/health"})
 DOCS_PREFIX = "/docs"
-_STORE_DOWN = (
+_STORE_DOWN: tuple[type[BaseException], ...] = (
     DBConnectionError,
     OperationalError,
     RedisError,
-    PostgresConnectionError,
-    InterfaceError,
     ConnectionError,
     OSError,
 )
+
+
+def _asyncpg_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """asyncpg's "unreachable" and "refused a value" errors, once asyncpg is loaded. Only
+    PostgreSQL loads it, and only then can its errors occur: SQLite users do not pay its 2 MB
+    of memory in every web process."""
+    if "asyncpg.exceptions" not in sys.modules:
+        return (), ()
+    from asyncpg.exceptions import DataError, InterfaceError, PostgresConnectionError
+    from asyncpg.exceptions._base import DataError as ClientDataError
+
+    return (PostgresConnectionError, InterfaceError), (DataError, ClientDataError)
+
+
+def _store_down(exc: BaseException) -> bool:
+    """The database or Redis is unreachable (as opposed to refusing a value)."""
+    return isinstance(exc, _STORE_DOWN + _asyncpg_errors()[0])
 
 
 def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
@@ -177,7 +190,7 @@ def setup_errors(app: App) -> None:
                 "the database refuses.",
                 code="invalid_value",
             )
-        if isinstance(exc, _STORE_DOWN):
+        if _store_down(exc):
             log.warning("storage unavailable on %s: %s", request.path, type(exc).__name__)
             exc = Unavailable(
                 "HAIA's database or Redis is unavailable right now; try again shortly.",
@@ -214,10 +227,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def refused_by_database(exc: BaseException) -> bool:
     """True for an error the database raised over a value it will not take (a constraint,
     a too-long or malformed value), as opposed to the database being unreachable."""
-    for error in _chain(exc):
-        if isinstance(error, IntegrityError | ValidationError | PgDataError | PgClientDataError):
-            return True
-    return False
+    refusals: tuple[type[Exception], ...] = (IntegrityError, ValidationError)
+    refusals += _asyncpg_errors()[1]
+    return any(isinstance(error, refusals) for error in _chain(exc))
 
 
 def _cause_name(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from tortoise.exceptions import BaseORMException
 
 from app.db import apply_migrations, close_database, open_database
 from app.db.models import Conversation, Message
-from app.server import _STORE_DOWN, refused_by_database
+from app.server import _STORE_DOWN, _store_down, refused_by_database
 
 
 @pytest.fixture
@@ -65,4 +65,4 @@ async def test_an_unreachable_database_is_an_outage(database_url: str) -> None:
     finally:
         await close_database()
         EXECUTOR_CACHE.clear()
-    assert isinstance(down, _STORE_DOWN) and not refused_by_database(down), repr(down)
+    assert _store_down(down) and not refused_by_database(down), repr(down)
