@@ -13,7 +13,12 @@ from typing import Any
 
 import uvloop
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +35,7 @@ from app.publish import Batcher
 from app.redis_pool import quick_checkout
 from workers.generate import generate
 from workers.heartbeat import Heartbeat
+from workers.jobs_run import RETRY_KEY_TTL, Claimed, JobEnds, JobRunner
 from workers.openai_wire import OpenAIWire
 from workers.state import WorkerState, state
 from workers.task import run_task
@@ -39,20 +45,29 @@ log = logging.getLogger(__name__)
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 _CLAIM_JOBS = """
--- KEYS[1]: the queue; KEYS[i+1]: job i's in-progress key. ARGV[1]: now (ms), ARGV[2]: the
--- in-progress key's lifetime (ms), ARGV[3]: how many jobs to take at most, ARGV[i+3]: job i's
--- id. Takes, in queue order, every job that no worker runs and whose time has come, up to the
--- limit (jobs other workers run are passed over, not counted); returns their ids and scores.
+-- KEYS[1]: the queue, KEYS[2]: arq's abort set; then three keys per job: its in-progress key,
+-- the job and its try count. ARGV[1]: now (ms), ARGV[2]: the in-progress key's lifetime (ms),
+-- ARGV[3]: how many jobs to take at most, ARGV[4]: the try count's lifetime (s), then each
+-- job's id. Takes, in queue order, every job that no worker runs and whose time has come, up
+-- to the limit (jobs other workers run are passed over, not counted), and starts each as arq
+-- starts one: reads it, counts the try, clears an abort request made before it started.
+-- Returns five values per job: id, score, the job (false: expired), try, aborted (1/0).
 local taken = {}
 local room = tonumber(ARGV[3])
-for i = 2, #KEYS do
-    if #taken >= 2 * room then break end
-    if redis.call('EXISTS', KEYS[i]) == 0 then
-        local score = redis.call('ZSCORE', KEYS[1], ARGV[i + 2])
+for i = 0, (#KEYS - 2) / 3 - 1 do
+    if #taken >= 5 * room then break end
+    local progress, job, tries, id = KEYS[3 + i * 3], KEYS[4 + i * 3], KEYS[5 + i * 3], ARGV[5 + i]
+    if redis.call('EXISTS', progress) == 0 then
+        local score = redis.call('ZSCORE', KEYS[1], id)
         if score and tonumber(score) <= tonumber(ARGV[1]) then
-            redis.call('PSETEX', KEYS[i], ARGV[2], '1')
-            taken[#taken + 1] = ARGV[i + 2]
+            redis.call('PSETEX', progress, ARGV[2], '1')
+            local try = redis.call('INCR', tries)
+            redis.call('EXPIRE', tries, ARGV[4])
+            taken[#taken + 1] = id
             taken[#taken + 1] = score
+            taken[#taken + 1] = redis.call('GET', job)
+            taken[#taken + 1] = try
+            taken[#taken + 1] = redis.call('ZREM', KEYS[2], id)
         end
     end
 end
@@ -84,6 +99,7 @@ class WakeableWorker(Worker):
     def __init__(self, *args: Any, wake_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, poll_delay=0, **kwargs)
         self._claim: Any = None
+        self._runner: JobRunner | None = None
         self._wake_timeout = wake_timeout
         self._woken = asyncio.Event()
         self._announced: list[bytes] = []
@@ -194,18 +210,70 @@ class WakeableWorker(Worker):
             return False
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
-        taken = await self._claim(
-            keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in ids)],
-            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, *ids],
+        job_keys = (
+            key
+            for job_id in ids
+            for key in (
+                in_progress_key_prefix + job_id,
+                job_key_prefix + job_id,
+                retry_key_prefix + job_id,
+            )
         )
-        for raw_id, raw_score in zip(taken[::2], taken[1::2], strict=True):
+        taken = await self._claim(
+            keys=[self.queue_name, abort_jobs_ss, *job_keys],
+            args=[
+                timestamp_ms(),
+                int(self.in_progress_timeout_s * 1000),
+                room,
+                RETRY_KEY_TTL,
+                *ids,
+            ],
+        )
+        for at in range(0, len(taken), 5):
+            raw_id, raw_score, data, job_try, aborted = taken[at : at + 5]
             await self.sem.acquire()  # free: `room` counted the jobs this worker runs
             self.job_counter += 1
-            job_id = raw_id.decode()
-            task = self.loop.create_task(self.run_job(job_id, int(float(raw_score))))
+            job = Claimed(
+                job_id=raw_id.decode(),
+                score=int(float(raw_score)),
+                data=data,
+                job_try=int(job_try),
+                aborted=bool(aborted),
+            )
+            task = self.loop.create_task(self.run_claimed(job))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
-        return len(taken) < 2 * room  # the room ran out: due jobs may be left
+            self.tasks[job.job_id] = task
+        return len(taken) < 5 * room  # the room ran out: due jobs may be left
+
+    async def run_claimed(self, job: Claimed) -> None:
+        """Run a job the poll took (`workers.jobs_run`: arq's rules, fewer round trips)."""
+        if self._runner is None:
+            self._runner = JobRunner(
+                functions=self.functions,  # type: ignore[arg-type] # no cron jobs here
+                ctx=self.ctx,
+                job_tasks=self.job_tasks,
+                aborting_tasks=self.aborting_tasks,
+                pool=self.pool,
+                queue_name=self.queue_name,
+                max_tries=self.max_tries,
+                job_timeout_s=self.job_timeout_s,
+                keep_result_s=self.keep_result_s,
+                serializer=jobs.serialize,
+                deserializer=jobs.deserialize,
+                counted=self._count,
+                ends=JobEnds(
+                    self.pool, self.queue_name, keep_result_ms=int(self.keep_result_s * 1000)
+                ),
+            )
+        await self._runner.run(job)
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "complete":
+            self.jobs_complete += 1
+        elif outcome == "failed":
+            self.jobs_failed += 1
+        else:
+            self.jobs_retried += 1
 
     def _runs(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)
