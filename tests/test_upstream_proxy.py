@@ -5,6 +5,7 @@ and streams through a real forward proxy to the fake upstream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
@@ -69,6 +70,7 @@ class _ForwardProxy:
         self.seen: list[str] = []
         self.refuse = False
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -76,11 +78,19 @@ class _ForwardProxy:
         return f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
+        """Close the listener and every connection still open (a client's idle keep-alive
+        one included): nothing is left for the event loop's teardown."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             method, target, version = head.split(b"\r\n", 1)[0].decode().split(" ")
@@ -105,11 +115,17 @@ class _ForwardProxy:
                 await pipe(upstream_reader, writer)
             finally:
                 upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
                 upstream_writer.close()
+                with contextlib.suppress(Exception):
+                    await upstream_writer.wait_closed()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._handlers.discard(handler)
 
 
 @pytest.fixture
