@@ -227,14 +227,7 @@ async def start_turn(
         rows = await _message_rows(
             conversation, incoming, offset=len(messages) - len(incoming), head=head
         )
-        return await _queue_assistant(
-            conversation,
-            rows,
-            completion_id,
-            model=model,
-            request_id=request_id,
-            on_created=on_created,
-        )
+        return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
 
 
 async def start_chain_turn(
@@ -270,14 +263,7 @@ async def start_chain_turn(
             messages = messages[1:]
         head = await head_digest(conversation) if after is not None else None  # new: empty
         rows = await _message_rows(conversation, messages, offset=0, head=head)
-        return await _queue_assistant(
-            conversation,
-            rows,
-            completion_id,
-            model=model,
-            request_id=request_id,
-            on_created=on_created,
-        )
+        return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
 
 
 async def _touch(conversation: Conversation) -> None:
@@ -331,11 +317,10 @@ async def _message_rows(
     return rows
 
 
-async def _queue_assistant(
+async def _store_turn(
     conversation: Conversation,
     rows: list[dict[str, Any]],
     completion_id: str,
-    *,
     model: str,
     request_id: str,
     on_created: OnCreated | None,

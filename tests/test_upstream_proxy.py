@@ -163,37 +163,30 @@ async def test_a_proxied_upstream_streams_through_the_proxy(
     assert outcome["finish_reason"] == "stop"
 
 
+async def _refused(fake_upstream: str) -> BaseException:
+    """What a short request through the configured proxy raises."""
+    wire = OpenAIWire(timeout=10)
+    body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        await wire.stream(_endpoint(fake_upstream), body, _Sink())
+    except HaiaError as exc:
+        return exc
+    finally:
+        await wire.aclose()
+    raise AssertionError("the request went through")
+
+
 async def test_a_proxy_that_refuses_is_the_upstreams_error(
     forward_proxy: _ForwardProxy, fake_upstream: str
 ) -> None:
     forward_proxy.refuse = True
-    wire = OpenAIWire(timeout=10)
-    try:
-        body = {
-            "model": "fake-model",
-            "stream": True,
-            "messages": [{"role": "user", "content": "hi"}],
-        }
-        with pytest.raises(HaiaError) as raised:
-            await wire.stream(_endpoint(fake_upstream), body, _Sink())
-    finally:
-        await wire.aclose()
-    assert raised.value.status >= 500  # an OpenAI-shaped 5xx for the client, not a crash
+    error = await _refused(fake_upstream)
+    assert isinstance(error, HaiaError) and error.status >= 500  # OpenAI-shaped, not a crash
 
 
 async def test_an_unreachable_proxy_is_an_unreachable_upstream(
     monkeypatch: pytest.MonkeyPatch, fake_upstream: str
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
-    wire = OpenAIWire(timeout=10)
-    try:
-        body = {
-            "model": "fake-model",
-            "stream": True,
-            "messages": [{"role": "user", "content": "hi"}],
-        }
-        with pytest.raises(Transient) as raised:
-            await wire.stream(_endpoint(fake_upstream), body, _Sink())
-    finally:
-        await wire.aclose()
-    assert "OLLAMA_BASE_URL" in raised.value.error.message
+    error = await _refused(fake_upstream)
+    assert isinstance(error, Transient) and "OLLAMA_BASE_URL" in error.error.message
