@@ -168,6 +168,14 @@ class Catalog:
                 f"{', '.join(candidates)}; name one of them.",
                 param="model",
             )
+        if self.all_unreachable:  # nothing could be asked: say so, not "does not exist"
+            upstreams = self._settings.upstreams
+            variables = [upstreams[name].url_variable for name in self._found if name in upstreams]
+            where = " or ".join(variable for variable in variables if variable) or "its URL"
+            raise Unavailable(
+                f"The model {requested!r} cannot be looked up: "
+                f"{'; '.join(self.upstream_errors)}. Start the model server or check {where}."
+            )
         raise ModelNotFound(
             f"The model {requested!r} does not exist; GET /v1/models lists the ones offered.",
             param="model",

@@ -86,3 +86,15 @@ def test_no_upstream_still_starts_and_says_how_to_fix_it(without_upstream: Stack
     assert response.status_code == 503
     error = response.json()["error"]
     assert "HAIA_MODEL" in error["message"] and error["code"] == "no_model_configured"
+    # A model named as a newcomer would name it: not "does not exist", but why it cannot be
+    # found (the server is down), and where to look.
+    response = httpx.post(
+        f"{without_upstream.base_url}/v1/chat/completions",
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable"
+    assert "llama3.2" in error["message"] and "unreachable" in error["message"]
+    assert "OLLAMA_BASE_URL" in error["message"]
