@@ -24,7 +24,7 @@ from arq.constants import (
 
 from app import jobs, keys
 from tests.conftest import REDIS_BASE
-from workers.jobs_run import Claimed, JobEnds, Peek
+from workers.jobs_run import Claimed, JobEnds
 from workers.main import WakeableWorker
 
 
@@ -275,29 +275,3 @@ async def test_jobs_ending_together_finish_in_one_script(pool: ArqRedis) -> None
         result = jobs.deserialize(await pool.get(result_key_prefix + f"many-{index}"))
         assert result["r"] == f"{index} from try 1"
     assert sent < 20  # the jobs that ended in the same tick went out together
-
-
-async def test_the_claim_reads_what_redis_knows_of_the_generation(pool: ArqRedis) -> None:
-    """Taking a job also reads its generation's fence, cancel flag and log, which the run
-    checks before it starts (one round trip fewer per generation)."""
-    assert await jobs.enqueue(pool, "noop", "fresh-1")
-    assert await jobs.enqueue(pool, "noop", "seen-1")
-    await pool.set(keys.gen_fence("seen-1"), "end")
-    await pool.set(keys.gen_cancel("seen-1"), "1")
-    async with pool.pipeline(transaction=False) as pipe:
-        pipe.rpush(keys.gen_log("seen-1"), b'{"seq":0}', b'{"seq":1}')
-        await pipe.execute()
-    claimed: dict[str, Claimed] = {}
-    found = worker(pool, max_jobs=10, started=[])
-
-    async def run_claimed(job: Claimed) -> None:
-        claimed[job.job_id] = job
-
-    found.run_claimed = run_claimed  # type: ignore[method-assign]
-    await run_queue(found, pool)
-    assert claimed["fresh-1"].peek == Peek(fence=None, cancelled=False, logged=[])
-    assert claimed["seen-1"].peek == Peek(
-        fence=b"end", cancelled=True, logged=[b'{"seq":0}', b'{"seq":1}']
-    )
-    assert (claimed["fresh-1"].job_try, claimed["fresh-1"].aborted) == (1, False)
-    assert claimed["fresh-1"].data is not None

@@ -26,7 +26,6 @@ from app.logs import request_id_var
 from app.publish import Fenced, Publisher
 from app.upstreams import Upstream, model_chain
 from workers.context import Context, load_context
-from workers.jobs_run import Peek
 from workers.lease import Lease
 from workers.model_call import first_upstream, stream_model
 from workers.state import WorkerState, state
@@ -48,18 +47,7 @@ async def generate(
     st = state(ctx)
     request_id_var.set(request_id or "-")
     async with Starting(st.starting) as starting:
-        return await _generate_started(st, completion_id, options, starting, ctx.get("peek"))
-
-
-async def _peek(st: WorkerState, completion_id: str, peek: Peek | None) -> tuple[Any, Any, Any]:
-    if peek is not None:
-        return peek.fence, peek.cancelled, peek.logged
-    pipe = st.redis.pipeline(transaction=False)
-    pipe.get(keys.gen_fence(completion_id))
-    pipe.exists(keys.gen_cancel(completion_id))
-    pipe.lrange(keys.gen_log(completion_id), 0, -1)
-    fence, cancelled, logged = await pipe.execute()
-    return fence, cancelled, logged
+        return await _generate_started(st, completion_id, options, starting)
 
 
 class Starting:
@@ -90,16 +78,16 @@ class Starting:
 
 
 async def _generate_started(
-    st: WorkerState,
-    completion_id: str,
-    options: dict[str, Any] | None,
-    starting: Starting,
-    peek: Peek | None,
+    st: WorkerState, completion_id: str, options: dict[str, Any] | None, starting: Starting
 ) -> str:
-    # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?): the
-    # script that took the job read the latter (`peek`), else it is read here, meanwhile.
+    # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?), read
+    # at the same time: each is a round trip before the model request.
+    pipe = st.redis.pipeline(transaction=False)
+    pipe.get(keys.gen_fence(completion_id))
+    pipe.exists(keys.gen_cancel(completion_id))
+    pipe.lrange(keys.gen_log(completion_id), 0, -1)
     message, (fence, cancelled, logged) = await asyncio.gather(
-        raw.first(Message, completion_id=completion_id), _peek(st, completion_id, peek)
+        raw.first(Message, completion_id=completion_id), pipe.execute()
     )
     if message is None or message.status in FINISHED:
         return "skipped"

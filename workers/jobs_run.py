@@ -37,18 +37,6 @@ RETRY_KEY_TTL = 88400
 
 
 @dataclass(frozen=True)
-class Peek:
-    """What Redis knew of a job's generation when the job was taken (read by the same
-    script): its fence (`end` once ended), whether a cancel was asked, its logged events.
-    A generation reads it before its run instead of asking Redis again; anything that changes
-    after it is caught by the fence, which the run takes next."""
-
-    fence: bytes | None
-    cancelled: bool
-    logged: list[bytes]
-
-
-@dataclass(frozen=True)
 class Claimed:
     """A job a poll took, with what arq reads when it starts one."""
 
@@ -60,7 +48,6 @@ class Claimed:
     """This run's try, counted when it was taken (1 for the first run)."""
     aborted: bool
     """An abort was requested before it started."""
-    peek: Peek | None = None
 
 
 _FINISH_JOBS = """
@@ -249,7 +236,6 @@ class JobRunner:
             "job_try": job_try,
             "enqueue_time": ms_to_datetime(enqueued_ms),
             "score": job.score,
-            "peek": job.peek,
         }
         timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         log.debug("job %s:%s starts (try %d)", job.job_id, name, job_try)

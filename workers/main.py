@@ -35,7 +35,7 @@ from app.publish import Batcher
 from app.redis_pool import quick_checkout
 from workers.generate import generate
 from workers.heartbeat import Heartbeat
-from workers.jobs_run import RETRY_KEY_TTL, Claimed, JobEnds, JobRunner, Peek
+from workers.jobs_run import RETRY_KEY_TTL, Claimed, JobEnds, JobRunner
 from workers.openai_wire import OpenAIWire
 from workers.state import WorkerState, state
 from workers.task import run_task
@@ -45,34 +45,29 @@ log = logging.getLogger(__name__)
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 _CLAIM_JOBS = """
--- KEYS[1]: the queue, KEYS[2]: arq's abort set; then six keys per job: its in-progress key,
--- the job, its try count, and its generation's fence, cancel flag and event log. ARGV[1]: now
--- (ms), ARGV[2]: the in-progress key's lifetime (ms), ARGV[3]: how many jobs to take at most,
--- ARGV[4]: the try count's lifetime (s), then each job's id. Takes, in queue order, every job
--- that no worker runs and whose time has come, up to the limit (jobs other workers run are
--- passed over, not counted), and starts each as arq starts one: reads it, counts the try,
--- clears an abort request made before it started. It also reads what Redis knows of the
--- job's generation (`Peek`). Returns eight values per job: id, score, the job (false:
--- expired), try, aborted (1/0), fence (false: none), cancelled (1/0), the logged events.
+-- KEYS[1]: the queue, KEYS[2]: arq's abort set; then three keys per job: its in-progress key,
+-- the job and its try count. ARGV[1]: now (ms), ARGV[2]: the in-progress key's lifetime (ms),
+-- ARGV[3]: how many jobs to take at most, ARGV[4]: the try count's lifetime (s), then each
+-- job's id. Takes, in queue order, every job that no worker runs and whose time has come, up
+-- to the limit (jobs other workers run are passed over, not counted), and starts each as arq
+-- starts one: reads it, counts the try, clears an abort request made before it started.
+-- Returns five values per job: id, score, the job (false: expired), try, aborted (1/0).
 local taken = {}
 local room = tonumber(ARGV[3])
-for i = 0, (#KEYS - 2) / 6 - 1 do
-    if #taken >= 8 * room then break end
-    local k, id = 3 + i * 6, ARGV[5 + i]
-    if redis.call('EXISTS', KEYS[k]) == 0 then
+for i = 0, (#KEYS - 2) / 3 - 1 do
+    if #taken >= 5 * room then break end
+    local progress, job, tries, id = KEYS[3 + i * 3], KEYS[4 + i * 3], KEYS[5 + i * 3], ARGV[5 + i]
+    if redis.call('EXISTS', progress) == 0 then
         local score = redis.call('ZSCORE', KEYS[1], id)
         if score and tonumber(score) <= tonumber(ARGV[1]) then
-            redis.call('PSETEX', KEYS[k], ARGV[2], '1')
-            local try = redis.call('INCR', KEYS[k + 2])
-            redis.call('EXPIRE', KEYS[k + 2], ARGV[4])
+            redis.call('PSETEX', progress, ARGV[2], '1')
+            local try = redis.call('INCR', tries)
+            redis.call('EXPIRE', tries, ARGV[4])
             taken[#taken + 1] = id
             taken[#taken + 1] = score
-            taken[#taken + 1] = redis.call('GET', KEYS[k + 1])
+            taken[#taken + 1] = redis.call('GET', job)
             taken[#taken + 1] = try
             taken[#taken + 1] = redis.call('ZREM', KEYS[2], id)
-            taken[#taken + 1] = redis.call('GET', KEYS[k + 3])
-            taken[#taken + 1] = redis.call('EXISTS', KEYS[k + 4])
-            taken[#taken + 1] = redis.call('LRANGE', KEYS[k + 5], 0, -1)
         end
     end
 end
@@ -222,9 +217,6 @@ class WakeableWorker(Worker):
                 in_progress_key_prefix + job_id,
                 job_key_prefix + job_id,
                 retry_key_prefix + job_id,
-                keys.gen_fence(job_id),
-                keys.gen_cancel(job_id),
-                keys.gen_log(job_id),
             )
         )
         taken = await self._claim(
@@ -237,8 +229,8 @@ class WakeableWorker(Worker):
                 *ids,
             ],
         )
-        for at in range(0, len(taken), 8):
-            raw_id, raw_score, data, job_try, aborted, fence, cancelled, logged = taken[at : at + 8]
+        for at in range(0, len(taken), 5):
+            raw_id, raw_score, data, job_try, aborted = taken[at : at + 5]
             await self.sem.acquire()  # free: `room` counted the jobs this worker runs
             self.job_counter += 1
             job = Claimed(
@@ -247,12 +239,11 @@ class WakeableWorker(Worker):
                 data=data,
                 job_try=int(job_try),
                 aborted=bool(aborted),
-                peek=Peek(fence=fence, cancelled=bool(cancelled), logged=list(logged)),
             )
             task = self.loop.create_task(self.run_claimed(job))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job.job_id] = task
-        return len(taken) < 8 * room  # the room ran out: due jobs may be left
+        return len(taken) < 5 * room  # the room ran out: due jobs may be left
 
     async def run_claimed(self, job: Claimed) -> None:
         """Run a job the poll took (`workers.jobs_run`: arq's rules, fewer round trips)."""
