@@ -275,3 +275,12 @@ async def test_jobs_ending_together_finish_in_one_script(pool: ArqRedis) -> None
         result = jobs.deserialize(await pool.get(result_key_prefix + f"many-{index}"))
         assert result["r"] == f"{index} from try 1"
     assert sent < 20  # the jobs that ended in the same tick went out together
+
+
+async def test_a_job_its_function_cannot_take_fails_as_a_job(pool: ArqRedis) -> None:
+    assert await jobs.enqueue(pool, "answer", "odd-1", word="x", unknown="y")
+    found = running_worker(pool, answer)
+    await run_queue(found, pool)  # raises nothing: the worker goes on
+    result = jobs.deserialize(await pool.get(result_key_prefix + "odd-1"))
+    assert result["s"] is False and result["r"].startswith("TypeError")
+    assert await queued(pool) == [] and found.jobs_failed == 1

@@ -239,11 +239,13 @@ class JobRunner:
         }
         timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         log.debug("job %s:%s starts (try %d)", job.job_id, name, job_try)
-        coroutine: Coroutine[Any, Any, Any] = function.coroutine(ctx, *args, **kwargs)
-        task = asyncio.ensure_future(coroutine)
-        self.job_tasks[job.job_id] = task
         finished, result = False, None
         try:
+            # Inside the `try`, as arq does: a job whose arguments this function does not take
+            # fails as a job, not as the worker.
+            coroutine: Coroutine[Any, Any, Any] = function.coroutine(ctx, *args, **kwargs)
+            task = asyncio.ensure_future(coroutine)
+            self.job_tasks[job.job_id] = task
             value = await asyncio.wait_for(task, timeout)
         except asyncio.CancelledError as exc:
             if job.job_id in self.aborting_tasks:  # aborted while it ran: finished
@@ -263,7 +265,7 @@ class JobRunner:
             finished, result = True, result_of(True, value)
             self.counted("complete")
         finally:
-            del self.job_tasks[job.job_id]
+            self.job_tasks.pop(job.job_id, None)
         await self._finish(job.job_id, finished=finished, result=result)
 
     async def _finish(self, job_id: str, *, finished: bool, result: bytes | None) -> None:
