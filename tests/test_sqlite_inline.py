@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.db import tortoise_config
-from app.db.sqlite_inline import InlineSqliteClient
+from app.db.sqlite_inline import InlineSqliteClient, _locked
 
 
 @pytest.fixture
@@ -94,3 +94,52 @@ async def test_a_wait_that_outlasts_the_busy_timeout_fails_as_before(
     await client.execute_insert("INSERT INTO item (name) VALUES (?)", ["now"])
     _, rows = await client.execute_query("SELECT name FROM item", [])
     assert [row["name"] for row in rows] == ["now"]
+
+
+async def test_a_cancelled_wait_keeps_the_connection_until_sqlite_answers(
+    client: InlineSqliteClient, tmp_path: Path
+) -> None:
+    """A caller cancelled while its call waits for a lock in aiosqlite's thread leaves that call
+    running; the next statement must not touch the connection from the loop meanwhile."""
+    other = sqlite3.connect(tmp_path / "inline.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    first = asyncio.create_task(client.execute_insert("INSERT INTO item (name) VALUES (?)", ["a"]))
+    await asyncio.sleep(0.1)  # refused inline, now waiting in the thread
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    reading = asyncio.create_task(client.execute_query("SELECT name FROM item", []))
+    await asyncio.sleep(0.2)
+    assert not reading.done()  # it waits for the cancelled call to be answered ...
+    other.execute("COMMIT")
+    other.close()
+    _, rows = await asyncio.wait_for(reading, 5)
+    # ... which SQLite then completed: the cancelled caller's row is there, once.
+    assert [row["name"] for row in rows] == ["a"]
+
+
+async def test_a_script_runs_where_it_may_wait(client: InlineSqliteClient) -> None:
+    """A script commits statement by statement, so one refused halfway could not be retried:
+    it runs in aiosqlite's thread, with the busy timeout, from the start."""
+    seen = _threads_of(client)
+    await client.execute_script("INSERT INTO item (name) VALUES ('s'); SELECT probe();")
+    assert seen and threading.get_ident() not in seen
+    _, rows = await client.execute_query("SELECT name FROM item", [])
+    assert [row["name"] for row in rows] == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("code", "locked"),
+    [
+        (sqlite3.SQLITE_BUSY, True),
+        (sqlite3.SQLITE_BUSY | (1 << 8), True),  # SQLITE_BUSY_RECOVERY
+        (sqlite3.SQLITE_BUSY | (2 << 8), True),  # SQLITE_BUSY_SNAPSHOT
+        (sqlite3.SQLITE_LOCKED | (1 << 8), True),  # SQLITE_LOCKED_SHAREDCACHE
+        (sqlite3.SQLITE_READONLY, False),
+        (sqlite3.SQLITE_IOERR | (10 << 8), False),
+    ],
+)
+def test_extended_busy_codes_count_as_locked(code: int, locked: bool) -> None:
+    exc = sqlite3.OperationalError("refused")
+    exc.sqlite_errorcode = code
+    assert _locked(exc) is locked

@@ -18,11 +18,13 @@ so the other process rarely has to wait at all.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import aiosqlite
+from aiosqlite.context import contextmanager
 from tortoise.backends.sqlite.client import SqliteClient
 
 BUSY_TIMEOUT_MS = 5000
@@ -33,13 +35,22 @@ _LOCKED = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in _LOCKED
+    code = getattr(exc, "sqlite_errorcode", None)
+    # Extended codes (SQLITE_BUSY_RECOVERY, SQLITE_LOCKED_SHAREDCACHE, ...) keep the primary
+    # code in their low byte.
+    return code is not None and code & 0xFF in _LOCKED
 
 
 class InlineConnection(aiosqlite.Connection):
     """An aiosqlite connection whose calls run on the caller's thread unless they must wait."""
 
+    _waited: asyncio.Future[Any] | None = None
+    """The call now waiting for a lock in aiosqlite's thread, if any. Until it is done, no
+    other call may touch the connection, even if the caller that made it was cancelled."""
+
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        while self._waited is not None:
+            await asyncio.wait([self._waited])  # never cancels it; its outcome is its caller's
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
         try:
@@ -47,7 +58,30 @@ class InlineConnection(aiosqlite.Connection):
         except sqlite3.OperationalError as exc:
             if not _locked(exc):
                 raise
-        return await super()._execute(self._waiting, fn, args, kwargs)  # type: ignore[no-untyped-call]
+        return await self._off_the_loop(fn, args, kwargs)
+
+    @contextmanager
+    async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
+        # A script commits statement by statement: one refused halfway could not be run again
+        # from the start, so it always runs where it may wait.
+        cursor = await self._off_the_loop(self._conn.executescript, (sql_script,), {})
+        return aiosqlite.Cursor(self, cursor)
+
+    async def _off_the_loop(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        while self._waited is not None:
+            await asyncio.wait([self._waited])
+        waited = asyncio.ensure_future(super()._execute(self._waiting, fn, args, kwargs))  # type: ignore[no-untyped-call]
+        self._waited = waited
+        waited.add_done_callback(self._waited_done)
+        # A cancelled caller leaves the call running: the connection stays taken until SQLite
+        # has answered it.
+        return await asyncio.shield(waited)
+
+    def _waited_done(self, waited: asyncio.Future[Any]) -> None:
+        if self._waited is waited:
+            self._waited = None
+        if not waited.cancelled():
+            waited.exception()  # retrieved: a cancelled caller's failure is not "never retrieved"
 
     def _waiting(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """`fn`, allowed to wait for a lock (run in aiosqlite's thread)."""
