@@ -24,6 +24,38 @@ STALE_CHECK_EVERY = 4
 """Silent keep-alive intervals between two checks that a followed generation still runs."""
 
 
+class _Inbox:
+    """A queue with one consumer: a list, and a future while the consumer waits.
+
+    Every stream has one, so it stays small: an `asyncio.Queue` carries three deques and an
+    `asyncio.Event` (a fourth), about 3 KB a stream before anything is queued.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Item | Event] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put(self, item: Item | Event) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Item | Event:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
 class Follower:
     """An open subscription to one generation's events.
 
@@ -37,7 +69,7 @@ class Follower:
     def __init__(self, redis: Redis, completion_id: str, keepalive: float) -> None:
         self._redis = redis
         self._log = keys.gen_log(completion_id)
-        self._queue: asyncio.Queue[Item | Event] = asyncio.Queue()
+        self._queue = _Inbox()
         # Silence is noticed by one timer per follower, not one per token: every half
         # interval it checks whether anything arrived since its last look, and if not it
         # queues SILENCE. A ping thus follows between half and one interval of silence.
@@ -62,13 +94,13 @@ class Follower:
                     self._received += 1
                     self._last = event.seq
                     return
-            self._queue.put_nowait(event)
+            self._queue.put(event)
             return
-        self._queue.put_nowait(item)
+        self._queue.put(item)
 
     def _tick(self) -> None:
         if self._received == self._seen_at_tick:
-            self._queue.put_nowait(SILENCE)
+            self._queue.put(SILENCE)
         self._seen_at_tick = self._received
         self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
 

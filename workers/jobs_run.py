@@ -240,14 +240,20 @@ class JobRunner:
         timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         log.debug("job %s:%s starts (try %d)", job.job_id, name, job_try)
         finished, result = False, None
+        # The job runs in this task, not in one of its own as in arq: an abort cancels this
+        # task (through `job_tasks`), which is all arq's own task was for. One task, future and
+        # timer fewer per generation.
+        task = asyncio.current_task()
+        assert task is not None
+        self.job_tasks[job.job_id] = task
         try:
-            # Inside the `try`, as arq does: a job whose arguments this function does not take
-            # fails as a job, not as the worker.
-            coroutine: Coroutine[Any, Any, Any] = function.coroutine(ctx, *args, **kwargs)
-            task = asyncio.ensure_future(coroutine)
-            self.job_tasks[job.job_id] = task
-            value = await asyncio.wait_for(task, timeout)
+            async with asyncio.timeout(timeout):
+                # Inside the `try`, as arq does: a job whose arguments this function does not
+                # take fails as a job, not as the worker.
+                coroutine: Coroutine[Any, Any, Any] = function.coroutine(ctx, *args, **kwargs)
+                value = await coroutine
         except asyncio.CancelledError as exc:
+            task.uncancel()  # handled here: the job's end below still runs
             if job.job_id in self.aborting_tasks:  # aborted while it ran: finished
                 self.aborting_tasks.discard(job.job_id)
                 log.info("job %s:%s aborted", job.job_id, name)
