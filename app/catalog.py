@@ -21,11 +21,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
-
 from app.config import Settings
 from app.errors import ModelNotFound, Unavailable
-from app.llm import discover
+from app.http1 import SSEClient
+from app.llm import Refused, Unanswered, discover
 from app.upstreams import Upstream, split_model_id
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class Found:
 class Catalog:
     """The models of every upstream, HAIA_MODEL, HAIA_MODELS and HAIA_ALIASES."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, http: SSEClient) -> None:
         self._settings = settings
         self._http = http
         self._found: dict[str, Found] = {}
@@ -72,12 +71,11 @@ class Catalog:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 models = await discover(upstream, self._http, wait=PROBE_TIMEOUT)
-        except (httpx.HTTPError, ValueError, TimeoutError) as exc:
+        except Unanswered as exc:
             log.debug("model discovery of %s failed: %s", upstream.name, type(exc).__name__)
             where = f" at {upstream.base_url}" if upstream.base_url else ""
-            if isinstance(exc, httpx.HTTPStatusError):
-                status = exc.response.status_code
-                return Found(error=f"{upstream.name}{where} answered {status} to a model list")
+            if isinstance(exc, Refused):
+                return Found(error=f"{upstream.name}{where} answered {exc.status} to a model list")
             return Found(error=f"{upstream.name}{where} is unreachable")
         return Found(models=models, reachable=True)
 

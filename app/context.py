@@ -6,12 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import cast
 
-import httpx
 from arq.connections import ArqRedis
 from sanic import Request
 
 from app.catalog import Catalog
 from app.config import Settings
+from app.http1 import SSEClient
 from app.hub import EventHub
 from app.metrics import RequestCounts
 from app.relay import Relay
@@ -34,7 +34,8 @@ class Services:
     redis: ArqRedis
     hub: EventHub
     relay: Relay
-    http: httpx.AsyncClient
+    http: SSEClient
+    """Asks upstreams for their model lists."""
     catalog: Catalog
     streams: StreamSlots
     requests: RequestCounts

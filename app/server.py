@@ -12,7 +12,6 @@ import sys
 import uuid
 from types import SimpleNamespace
 
-import httpx
 from arq.connections import RedisSettings, create_pool
 from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request, Sanic
@@ -29,13 +28,14 @@ from tortoise.exceptions import (
 
 from app import jobs, keys
 from app.access import setup_access
-from app.catalog import Catalog
+from app.catalog import PROBE_TIMEOUT, Catalog
 from app.config import Settings
 from app.context import Services
 from app.cors import setup_cors
 from app.db import close_database, open_database
 from app.errors import HaiaError, InvalidRequest, Unauthorized, Unavailable, error_body
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
+from app.http1 import SSEClient
 from app.hub import EventHub
 from app.logs import request_id_var
 from app.metrics import RequestCounts
@@ -101,7 +101,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
         quick_checkout(redis)
         hub = EventHub(redis)
         await hub.start()
-        http = httpx.AsyncClient()
+        http = SSEClient(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT)
         streams = StreamSlots(
             redis, limit=settings.max_streams_per_owner, lease=4 * settings.keepalive_interval
         )
@@ -152,7 +152,7 @@ def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
         await svc.streams.stop()
         await svc.requests.stop()
         await svc.hub.stop()
-        await svc.http.aclose()
+        svc.http.close()
         await svc.redis.aclose()
         await close_database()
 

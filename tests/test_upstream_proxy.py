@@ -12,37 +12,39 @@ from urllib.parse import urlsplit
 import pytest
 
 from app.errors import HaiaError
+from app.http1 import SSEClient, proxy_for
+from app.llm import Refused, discover
 from app.upstreams import Upstream
 from tests.procs import free_port
-from workers.openai_wire import Endpoint, OpenAIWire, Transient, _proxy_for
+from workers.openai_wire import Endpoint, OpenAIWire, Transient
 
 
 @pytest.fixture(autouse=True)
 def fresh_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
-    _proxy_for.cache_clear()
+    proxy_for.cache_clear()
     yield
-    _proxy_for.cache_clear()
+    proxy_for.cache_clear()
 
 
 def test_no_proxy_variables_means_a_direct_connection() -> None:
-    assert _proxy_for("http://10.0.0.5:11434/v1/chat/completions") is None
+    assert proxy_for("http://10.0.0.5:11434/v1/chat/completions") is None
 
 
 def test_the_scheme_picks_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://plain-proxy:3128")
     monkeypatch.setenv("HTTPS_PROXY", "http://tls-proxy:3128")
-    assert _proxy_for("http://10.0.0.5:11434/v1/chat/completions") == "http://plain-proxy:3128"
-    assert _proxy_for("https://api.openai.com/v1/chat/completions") == "http://tls-proxy:3128"
+    assert proxy_for("http://10.0.0.5:11434/v1/chat/completions") == "http://plain-proxy:3128"
+    assert proxy_for("https://api.openai.com/v1/chat/completions") == "http://tls-proxy:3128"
 
 
 def test_no_proxy_bypasses_listed_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://plain-proxy:3128")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1,.lan")
-    assert _proxy_for("http://127.0.0.1:11434/v1/chat/completions") is None
-    assert _proxy_for("http://gpubox.lan:11434/v1/chat/completions") is None
-    assert _proxy_for("http://10.0.0.5:11434/v1/chat/completions") == "http://plain-proxy:3128"
+    assert proxy_for("http://127.0.0.1:11434/v1/chat/completions") is None
+    assert proxy_for("http://gpubox.lan:11434/v1/chat/completions") is None
+    assert proxy_for("http://10.0.0.5:11434/v1/chat/completions") == "http://plain-proxy:3128"
 
 
 class _Sink:
@@ -190,3 +192,52 @@ async def test_an_unreachable_proxy_is_an_unreachable_upstream(
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     error = await _refused(fake_upstream)
     assert isinstance(error, Transient) and "OLLAMA_BASE_URL" in error.error.message
+
+
+async def test_model_lists_are_asked_through_the_proxy(
+    forward_proxy: _ForwardProxy, fake_upstream: str
+) -> None:
+    """The web's model discovery honours the same variables: both list shapes go through the
+    proxy, and the answer is the same as asked directly."""
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    ollama = _endpoint(fake_upstream).upstream
+    anthropic = Upstream(
+        name="anthropic",
+        kind="anthropic",
+        base_url=fake_upstream,
+        url_variable="ANTHROPIC_BASE_URL",
+        api_key="sk-ant-test",
+    )
+    try:
+        assert await discover(ollama, client, wait=5) == ["ollama:fake-model"]
+        assert await discover(anthropic, client, wait=5) == ["anthropic:claude-fake"]
+    finally:
+        client.close()
+    assert forward_proxy.seen == [
+        f"GET {fake_upstream}/v1/models",
+        f"GET {fake_upstream}/v1/models?limit=1000",
+    ]
+
+
+async def test_a_model_list_refused_by_the_proxy_is_a_refused_list(
+    forward_proxy: _ForwardProxy, fake_upstream: str
+) -> None:
+    forward_proxy.refuse = True
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    with pytest.raises(Refused) as refused:
+        await discover(_endpoint(fake_upstream).upstream, client, wait=5)
+    assert refused.value.status == 502
+
+
+async def test_model_lists_without_a_proxy_go_straight_to_the_upstream(
+    fake_upstream: str,
+) -> None:
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    try:
+        assert await discover(_endpoint(fake_upstream).upstream, client, wait=5) == [
+            "ollama:fake-model"
+        ]
+        with pytest.raises(ConnectionRefusedError):  # nothing listens there
+            await discover(_endpoint(f"http://127.0.0.1:{free_port()}").upstream, client, wait=5)
+    finally:
+        client.close()

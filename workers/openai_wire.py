@@ -16,11 +16,8 @@ translation of pydantic-ai's errors.
 from __future__ import annotations
 
 import json
-import urllib.request
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from app.errors import (
     HaiaError,
@@ -32,8 +29,8 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from app.http1 import ConnectionClosed, ProtocolError, SSEClient, proxy_for
 from app.upstreams import Upstream
-from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
 
 if TYPE_CHECKING:
     from workers.proxied import ProxiedSession
@@ -61,12 +58,12 @@ class Endpoint:
 class OpenAIWire:
     """The worker's connections to OpenAI-compatible servers, shared by every generation.
 
-    Direct connections go through `SSEClient` (`workers/sse_http.py`), which parses the SSE
+    Direct connections go through `SSEClient` (`app/http1.py`), which parses the SSE
     answer where its bytes arrive, with no task switch per chunk. Requests through an HTTP(S)
     proxy go through aiohttp (`workers.proxied`, imported on the first such request), whose C
     parser also made it the cheaper of the two libraries measured before (httpx's pure-Python
     stack took a fifth of the worker's CPU at 500 streams). HTTP(S)_PROXY are honoured as the
-    SDKs honour them, looked up once per upstream (`_proxy_for`).
+    SDKs honour them, looked up once per upstream (`proxy_for`).
     """
 
     def __init__(self, *, timeout: float) -> None:
@@ -94,7 +91,7 @@ class OpenAIWire:
             headers["Authorization"] = f"Bearer {endpoint.upstream.api_key}"
         url = endpoint.upstream.openai_base_url.rstrip("/") + "/chat/completions"
         server = f"The model's server ({endpoint.provider})"
-        proxy = _proxy_for(url)
+        proxy = proxy_for(url)
         try:
             if proxy is None:
                 return await self._stream_direct(endpoint, url, body, headers, sink)
@@ -129,15 +126,6 @@ class OpenAIWire:
         if answer.status != 200:
             raise _status_error(endpoint, body, answer.status, answer.headers, answer.body)
         return _outcome(endpoint, state, done=done)
-
-
-@lru_cache(maxsize=64)
-def _proxy_for(url: str) -> str | None:
-    """The proxy of HTTP_PROXY / HTTPS_PROXY / NO_PROXY for `url`, or None."""
-    parts = urlsplit(url)
-    if urllib.request.proxy_bypass(parts.netloc):
-        return None
-    return urllib.request.getproxies_environment().get(parts.scheme)
 
 
 def _outcome(endpoint: Endpoint, state: dict[str, Any], *, done: bool) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Requests to an upstream through an HTTP(S) proxy (`HTTP_PROXY`, `HTTPS_PROXY`), with aiohttp.
 
 Imported only when a worker first sends such a request: aiohttp and its dependencies cost every
-worker process about 5 MB of memory, and direct requests never use them (`workers.sse_http`).
+worker process about 5 MB of memory, and direct requests never use them (`app.http1`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
+from app.http1 import ConnectionClosed
 from workers.openai_wire import Endpoint, _event, _outcome, _status_error
-from workers.sse_http import ConnectionClosed
 
 
 class ProxiedSession:
@@ -26,7 +26,7 @@ class ProxiedSession:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                # The proxy is looked up once per upstream (`_proxy_for`): aiohttp's
+                # The proxy is looked up once per upstream (`proxy_for`): aiohttp's
                 # trust_env would read ~/.netrc on every request.
                 trust_env=False,
             )

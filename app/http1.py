@@ -1,4 +1,4 @@
-"""A streaming HTTP/1.1 client for one request shape: POST a JSON body, read an SSE answer.
+"""HAIA's HTTP/1.1 client: POST a JSON body and read an SSE answer, or GET a small JSON body.
 
 Why not aiohttp for this: profiled at 500 streams, reading the upstream's SSE through aiohttp
 was a quarter of the worker's CPU. Each chunk went through its C parser into a `StreamReader`,
@@ -12,15 +12,20 @@ gzip or deflate content encodings (it asks for none), and keep-alive. An idle co
 reused by the next request to the same origin, and a request whose reused connection turns out
 closed is sent again once on a new one. Proxies are not its business: `workers.openai_wire`
 sends proxied requests through aiohttp.
+
+The web asks upstreams for their model lists with `get`, so it needs no other HTTP client
+(httpx cost the web process about 6 MB of memory for those few GETs a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +33,8 @@ MAX_HEAD = 64 * 1024
 """Bytes of status line and headers accepted before the answer is refused as malformed."""
 MAX_ERROR_BODY = 256 * 1024
 """Bytes of a non-200 body kept for its error message."""
+MAX_BODY = 16 * 1024 * 1024
+"""Bytes of a whole answer `get` accepts (a model list is a few kilobytes)."""
 MAX_IDLE_PER_ORIGIN = 1024
 """Idle connections kept per server: a burst of streams reuses them on the next burst."""
 
@@ -64,6 +71,11 @@ class Answer:
 
 OnData = Callable[[bytes], bool]
 """Called with each SSE `data:` field; returns True when the stream is over (`[DONE]`)."""
+
+
+class TooLarge(ProtocolError):
+    """A whole answer longer than `MAX_BODY`."""
+
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _IDENTITY, _UNTIL_CLOSE, _COMPLETE = range(7)
 
@@ -129,7 +141,9 @@ class _Connection(asyncio.Protocol):
 
     # --- one request ---
 
-    def start(self, request: bytes, on_data: OnData) -> asyncio.Future[Answer]:
+    def start(self, request: bytes, on_data: OnData | None) -> asyncio.Future[Answer]:
+        """Send `request`; a 200 answer's SSE `data:` fields go to `on_data`, or, without
+        one, its whole body is kept in the `Answer`."""
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
         self._on_data = on_data
@@ -283,6 +297,11 @@ class _Connection(asyncio.Protocol):
             if len(answer.body) < MAX_ERROR_BODY:
                 answer.body += data[: MAX_ERROR_BODY - len(answer.body)]
             return
+        if self._on_data is None:  # a whole body
+            if len(answer.body) + len(data) > MAX_BODY:
+                raise TooLarge(f"the answer is longer than {MAX_BODY} bytes")
+            answer.body += data
+            return
         if self._over or not data:
             return
         lines = self._lines + data
@@ -380,6 +399,21 @@ class SSEClient:
         returns with its body. Raises `ConnectionError`/`OSError` when the server cannot be
         reached, `TimeoutError` when it stays silent, `ConnectionClosed` or `ProtocolError`
         when the answer breaks off or is malformed, and whatever `on_data` raises."""
+        return await self._send("POST", url, body, headers, on_data)
+
+    async def get(self, url: str, headers: dict[str, str]) -> Answer:
+        """GET `url`; the answer with its whole body (at most `MAX_BODY` bytes), whatever its
+        status. Raises as `post` does."""
+        return await self._send("GET", url, None, headers, None)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        on_data: OnData | None,
+    ) -> Answer:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
@@ -387,14 +421,17 @@ class SSEClient:
         origin = Origin(scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = [
-            f"POST {target} HTTP/1.1",
+            f"{method} {target} HTTP/1.1",
             f"Host: {origin.host_header}",
-            "Content-Type: application/json",
+            *(
+                ("Content-Type: application/json", f"Content-Length: {len(body)}")
+                if body is not None
+                else ("Accept: application/json",)
+            ),
             "Accept-Encoding: identity",
-            f"Content-Length: {len(body)}",
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
         for reused in (True, False):
             connection = self._take_idle(origin) if reused else None
             if reused and connection is None:
@@ -450,3 +487,12 @@ class SSEClient:
             self._connect_timeout,
         )
         return protocol
+
+
+@lru_cache(maxsize=64)
+def proxy_for(url: str) -> str | None:
+    """The proxy of HTTP_PROXY / HTTPS_PROXY / NO_PROXY for `url`, or None."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)

@@ -1,4 +1,4 @@
-"""HAIA's streaming HTTP client (`workers/sse_http.py`) against a real socket server that sends
+"""HAIA's streaming HTTP client (`app/http1.py`) against a real socket server that sends
 exactly the bytes each test scripts: framings, splits at every byte, reuse, and every way an
 answer can break off."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.sse_http import ConnectionClosed, ProtocolError, SSEClient
+from app.http1 import ConnectionClosed, ProtocolError, SSEClient, TooLarge
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Server:
     close_after: int | None = None
     connections: int = 0
     bodies: list[bytes] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     url: str = ""
 
@@ -48,6 +49,7 @@ class Server:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head.decode("latin-1"))
                 length = 0
                 for line in head.decode("latin-1").split("\r\n"):
                     if line.lower().startswith("content-length:"):
@@ -269,3 +271,48 @@ async def test_https_with_a_verified_certificate_and_a_refused_one(
             await SSEClient(connect_timeout=5, read_timeout=5).post(url, b"{}", {}, Collect())
     finally:
         await state.close(listener)
+
+
+MODELS = json.dumps({"object": "list", "data": [{"id": "llama3.2"}, {"id": "qwen3:8b"}]})
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+async def test_get_returns_the_whole_body_and_keeps_the_connection(
+    server: Server, split: bool
+) -> None:
+    """The web's model list requests: a GET whose whole answer comes back, chunked or with a
+    length, and whose connection is reused by the next one."""
+    server.split = split
+    body = MODELS.encode()
+    server.answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body[:7], body[7:]),
+    ]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    url = server.url.replace("/chat/completions", "/models")
+    for _ in range(2):
+        answer = await client.get(url, {"Authorization": "Bearer k"})
+        assert (answer.status, json.loads(answer.body)) == (200, json.loads(MODELS))
+    assert server.connections == 1
+    assert server.bodies == [b"", b""]
+    request_line, *headers = server.heads[0].strip().split("\r\n")
+    assert request_line == "GET /v1/models HTTP/1.1"
+    assert "Authorization: Bearer k" in headers
+    assert not any(h.lower().startswith("content-length") for h in headers)
+    client.close()
+
+
+async def test_get_keeps_an_error_answers_body_and_refuses_a_huge_one(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.answers = [b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nbad key here"]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    answer = await client.get(server.url, {})
+    assert (answer.status, answer.body) == (401, b"bad key here")
+    client.close()
+
+    monkeypatch.setattr("app.http1.MAX_BODY", 10)
+    server.answers = [HEAD_CHUNKED + chunked(b"0123456789", b"a")]
+    with pytest.raises(TooLarge):
+        await SSEClient(connect_timeout=5, read_timeout=5).get(server.url, {})
