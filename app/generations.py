@@ -29,12 +29,12 @@ from tortoise.exceptions import BaseORMException
 from app import keys
 from app.config import Settings
 from app.content import stored_identity
+from app.counters import Counter, generation_counters
 from app.db import raw
 from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event, answering_model
 from app.inflight import Inflight
-from app.metrics import Counter, generation_counters
 from app.publish import Fenced, Publisher, Ttls, append, claim, fence_of
 from app.schemas import Usage
 from app.slots import Slots

@@ -27,8 +27,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from app import keys
+from app.counters import Counter
 from app.events import Event
-from app.metrics import Counter
 
 log = logging.getLogger(__name__)
 
