@@ -71,8 +71,14 @@ class Catalog:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 models = await discover(upstream, self._http, wait=PROBE_TIMEOUT)
-        except Unanswered as exc:
-            log.debug("model discovery of %s failed: %s", upstream.name, type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - whatever an upstream does, the list goes on
+            expected = isinstance(exc, Unanswered)  # anything else is worth a warning
+            log.log(
+                logging.DEBUG if expected else logging.WARNING,
+                "model discovery of %s failed: %s",
+                upstream.name,
+                type(exc).__name__,
+            )
             where = f" at {upstream.base_url}" if upstream.base_url else ""
             if isinstance(exc, Refused):
                 return Found(error=f"{upstream.name}{where} answered {exc.status} to a model list")

@@ -20,6 +20,7 @@ The web asks upstreams for their model lists with `get`, so it needs no other HT
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import urllib.request
 import zlib
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MAX_HEAD = 64 * 1024
 """Bytes of status line and headers accepted before the answer is refused as malformed."""
@@ -37,6 +38,10 @@ MAX_BODY = 16 * 1024 * 1024
 """Bytes of a whole answer `get` accepts (a model list is a few kilobytes)."""
 MAX_IDLE_PER_ORIGIN = 1024
 """Idle connections kept per server: a burst of streams reuses them on the next burst."""
+MAX_IDLE_AGE = 4.0
+"""Seconds an idle connection is reused within. Servers close theirs after a few seconds
+(uvicorn after 5), and a NAT may forget a quiet flow without a word: an older one is closed
+rather than tried."""
 
 
 class ProtocolError(Exception):
@@ -78,6 +83,7 @@ class TooLarge(ProtocolError):
 
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _IDENTITY, _UNTIL_CLOSE, _COMPLETE = range(7)
+_BREAKS = frozenset("\r\n")
 
 
 @dataclass(eq=False)
@@ -106,6 +112,8 @@ class _Connection(asyncio.Protocol):
     _released: bool = False
     _timer: asyncio.TimerHandle | None = None
     _last: float = 0.0
+    idle_since: float = 0.0
+    """When it went back to the pool (the loop's clock)."""
 
     # --- asyncio.Protocol ---
 
@@ -290,7 +298,10 @@ class _Connection(asyncio.Protocol):
 
     def _payload(self, data: bytes) -> None:
         if self._decoder is not None:
-            data = self._decoder.decompress(data)
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as exc:
+                raise ProtocolError("the answer's compressed body is broken") from exc
         answer = self._answer
         assert answer is not None
         if answer.status != 200:
@@ -351,6 +362,7 @@ class _Connection(asyncio.Protocol):
         self._finished = None
         self._on_data = None
         self._stop_timer()
+        self.idle_since = asyncio.get_running_loop().time()
         self.on_idle(self)
 
     def _check_silence(self) -> None:
@@ -420,6 +432,16 @@ class SSEClient:
             raise ValueError(f"not an http(s) URL: {url!r}")
         origin = Origin(scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
+            # `https://user:password@host/v1`: Basic authentication, as other clients send it.
+            user = unquote(parts.username)
+            password = unquote(parts.password or "")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers = {**headers, "Authorization": f"Basic {basic}"}
+        if any(_BREAKS & set(f"{name}{value}") for name, value in headers.items()):
+            # A line break would end the header early and smuggle in another (a stray
+            # newline at the end of an API key in a file is the usual cause).
+            raise ValueError("a request header contains a line break")
         head = [
             f"{method} {target} HTTP/1.1",
             f"Host: {origin.host_header}",
@@ -456,6 +478,14 @@ class SSEClient:
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
+        if not idle:
+            return None
+        # The oldest are first: close those idle too long, then take the newest.
+        oldest = asyncio.get_running_loop().time() - MAX_IDLE_AGE
+        stale = next((i for i, c in enumerate(idle) if c.idle_since >= oldest), len(idle))
+        for connection in idle[:stale]:
+            connection.close()
+        del idle[:stale]
         while idle:
             connection = idle.pop()
             if not connection.closed:

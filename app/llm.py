@@ -12,7 +12,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from app.http1 import ConnectionClosed, ProtocolError, SSEClient, proxy_for
+from app.http1 import MAX_BODY, ConnectionClosed, ProtocolError, SSEClient, TooLarge, proxy_for
 from app.upstreams import Upstream
 
 ANTHROPIC_URL = "https://api.anthropic.com"
@@ -90,9 +90,14 @@ async def _get_proxied(url: str, headers: dict[str, str], proxy: str) -> tuple[i
     try:
         async with (
             aiohttp.ClientSession(trust_env=False) as session,
-            session.get(url, headers=headers, proxy=proxy) as response,
+            # No redirects, as without a proxy: aiohttp would follow one to another host with
+            # the `x-api-key` header still on.
+            session.get(url, headers=headers, proxy=proxy, allow_redirects=False) as response,
         ):
-            return response.status, await response.read()
+            body = await response.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise TooLarge(f"the answer is longer than {MAX_BODY} bytes")
+            return response.status, body
     except aiohttp.ClientError as exc:
         if isinstance(exc, OSError):
             raise

@@ -31,14 +31,17 @@ class _Inbox:
     `asyncio.Event` (a fourth), about 3 KB a stream before anything is queued.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_head", "_items", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Item | Event] = []
+        self._head = 0
+        """The next item to get: taken items are dropped in bulk (a client that falls behind
+        may leave thousands queued, and taking each from the front would move the rest)."""
         self._waiter: asyncio.Future[None] | None = None
 
     def empty(self) -> bool:
-        return not self._items
+        return self._head == len(self._items)
 
     def put(self, item: Item | Event) -> None:
         self._items.append(item)
@@ -47,13 +50,23 @@ class _Inbox:
             waiter.set_result(None)
 
     async def get(self) -> Item | Event:
-        while not self._items:
+        while self.empty():
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.pop(0)
+        items, head = self._items, self._head
+        item = items[head]
+        head += 1
+        if head == len(items):
+            items.clear()
+            head = 0
+        elif head >= 64 and 2 * head >= len(items):
+            del items[:head]
+            head = 0
+        self._head = head
+        return item
 
 
 class Follower:

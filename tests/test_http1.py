@@ -316,3 +316,51 @@ async def test_get_keeps_an_error_answers_body_and_refuses_a_huge_one(
     server.answers = [HEAD_CHUNKED + chunked(b"0123456789", b"a")]
     with pytest.raises(TooLarge):
         await SSEClient(connect_timeout=5, read_timeout=5).get(server.url, {})
+
+
+async def test_a_broken_compressed_body_is_a_protocol_error(server: Server) -> None:
+    """Not gzip although it says so: a `ProtocolError` (never zlib's own error, which no
+    caller expects), on a GET as on a streamed POST."""
+    server.answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!"
+    ]
+    with pytest.raises(ProtocolError, match="compressed"):
+        await SSEClient(connect_timeout=5, read_timeout=5).get(server.url, {})
+    with pytest.raises(ProtocolError, match="compressed"):
+        await post(SSEClient(connect_timeout=5, read_timeout=5), server, Collect())
+
+
+async def test_user_and_password_in_the_url_are_sent_as_basic_auth(server: Server) -> None:
+    server.answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    url = server.url.replace("http://", "http://me:s%40cret@")
+    assert (await client.get(url, {})).status == 200
+    assert "Authorization: Basic bWU6c0BjcmV0" in server.heads[0]  # me:s@cret
+    assert "me:" not in server.heads[0].split("\r\n")[1]  # the Host header has no userinfo
+    # The caller's own Authorization wins.
+    assert (await client.get(url, {"Authorization": "Bearer k"})).status == 200
+    assert "Authorization: Bearer k" in server.heads[1] and "Basic" not in server.heads[1]
+    client.close()
+
+
+async def test_a_header_with_a_line_break_is_refused_before_sending(server: Server) -> None:
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    with pytest.raises(ValueError, match="line break"):
+        await client.get(server.url, {"Authorization": "Bearer key\r\nX-Evil: 1"})
+    assert server.connections == 0
+
+
+async def test_an_idle_connection_kept_too_long_is_not_reused(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server or a NAT may have dropped it without a word: a fresh one is opened."""
+    monkeypatch.setattr("app.http1.MAX_IDLE_AGE", 0.2)
+    server.answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    for _ in range(2):
+        assert (await client.get(server.url, {})).status == 200
+    assert server.connections == 1  # reused while fresh
+    await asyncio.sleep(0.3)
+    assert (await client.get(server.url, {})).status == 200
+    assert server.connections == 2
+    client.close()

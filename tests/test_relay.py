@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 
 from app import keys
 from app.events import Event, EventType
-from app.hub import EventHub, Item
+from app.hub import SILENCE, EventHub, Item
 from app.publish import Ttls, append
-from app.relay import Relay
+from app.relay import Relay, _Inbox
 from tests.conftest import REDIS_URL
 
 
@@ -219,3 +219,22 @@ async def test_events_missed_by_the_live_channel_come_from_the_log(
         await pipe.execute()
         rest = [e async for e in events if e is not None]
     assert [(e.seq, e.type) for e in rest] == [(2, "delta"), (3, "end")]
+
+
+async def test_a_followers_inbox_keeps_order_through_a_long_backlog() -> None:
+    """A client that falls behind leaves thousands of events queued; they come out in order,
+    while more arrive, and the inbox waits when it is empty."""
+    inbox = _Inbox()
+    got: list[Any] = []
+    for n in range(3000):
+        inbox.put(Event(seq=n + 1, type="delta", text=str(n)))
+        if n % 3 == 0:
+            got.append(await inbox.get())
+    while not inbox.empty():
+        got.append(await inbox.get())
+    assert [event.seq for event in got] == list(range(1, 3001))
+    waiting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    inbox.put(SILENCE)
+    assert await asyncio.wait_for(waiting, 1) is SILENCE

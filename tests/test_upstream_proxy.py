@@ -241,3 +241,48 @@ async def test_model_lists_without_a_proxy_go_straight_to_the_upstream(
             await discover(_endpoint(f"http://127.0.0.1:{free_port()}").upstream, client, wait=5)
     finally:
         client.close()
+
+
+async def test_a_redirect_through_the_proxy_is_not_followed(
+    forward_proxy: _ForwardProxy,
+) -> None:
+    """An upstream that redirects its model list elsewhere is refused, as without a proxy:
+    followed, the request would carry the upstream's key to the other host."""
+    elsewhere: list[bytes] = []
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        elsewhere.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"data":[]}')
+        writer.close()
+
+    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d/v1/models\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n" % other_port
+        )
+        writer.close()
+
+    other_server = await asyncio.start_server(other, "127.0.0.1", 0)
+    other_port = other_server.sockets[0].getsockname()[1]
+    redirect_server = await asyncio.start_server(redirecting, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{redirect_server.sockets[0].getsockname()[1]}"
+    anthropic = Upstream(
+        name="anthropic",
+        kind="anthropic",
+        base_url=base,
+        url_variable="ANTHROPIC_BASE_URL",
+        api_key="sk-ant-secret",
+    )
+    client = SSEClient(connect_timeout=5, read_timeout=5)
+    try:
+        with pytest.raises(Refused) as refused:
+            await discover(anthropic, client, wait=5)
+    finally:
+        client.close()
+        for server in (other_server, redirect_server):
+            server.close()
+            await server.wait_closed()
+    assert refused.value.status == 302
+    assert forward_proxy.seen == [f"GET {base}/v1/models?limit=1000"]
+    assert elsewhere == []

@@ -48,8 +48,10 @@ class ProxiedSession:
         """As `OpenAIWire.stream`. A connection that fails is an `OSError` (aiohttp's
         connector errors are); one that breaks later is `ConnectionClosed`."""
         try:
+            # No redirects, as without a proxy: aiohttp would follow one to another host with
+            # an Anthropic-style key header still on.
             async with self._client().post(
-                url, json=body, headers=headers, proxy=proxy
+                url, json=body, headers=headers, proxy=proxy, allow_redirects=False
             ) as response:
                 if response.status != 200:
                     raw = await response.read()
