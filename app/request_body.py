@@ -72,6 +72,13 @@ async def read_body(request: Request, *, within: float, max_bytes: int) -> None:
         ) from None
 
 
+def release_body(request: Request) -> None:
+    """Let go of the raw body once the turn is stored: a stream may last minutes, and a client
+    such as OpenWebUI resends the whole conversation with every turn (what is stored is read
+    back by the worker, not from here)."""
+    request.body = b""
+
+
 def parse_body(request: Request, schema: type[SchemaT]) -> SchemaT:
     """Validate the body against `schema`, or raise `InvalidRequest` naming the field."""
     content_type = request.headers.get("content-type", "application/json")

@@ -9,7 +9,11 @@ the result; the web, worker and upstream logs stay in the temporary directory it
 
     uv run python bench/load.py [--levels 1,10,100,500,1000] [--tokens 40] [--rate 20] [--workers 1]
                                 [--database-url postgres://…] [--redis-url redis://…/14]
-                                [--api chat,responses]
+                                [--api chat,responses] [--history 20]
+
+`--history N` makes every request resend N earlier messages of about 1 KB each, as OpenWebUI
+resends the conversation with each turn (each stream is still a new conversation, so HAIA
+stores them all): what a long chat costs in memory and time.
 
 `--api` picks what goes through HAIA: `chat` (`POST /v1/chat/completions`, the default),
 `responses` (`POST /v1/responses` with `stream: true`), or both: then each level streams both,
@@ -271,14 +275,18 @@ class Target:
     port: int
     model: str
     api: str = "chat"
+    history: int = 0
+    """Earlier messages each request resends (as OpenWebUI resends the conversation)."""
 
     def request(self, prompt: str) -> bytes:
+        messages = [*_history(self.history), {"role": "user", "content": prompt}]
         if self.api == "responses":
             path = "/v1/responses"
-            payload = {"model": self.model, "stream": True, "input": prompt}
+            payload: dict[str, object] = {"model": self.model, "stream": True, "input": prompt}
+            if self.history:
+                payload["input"] = messages
         else:
             path = "/v1/chat/completions"
-            messages = [{"role": "user", "content": prompt}]
             payload = {"model": self.model, "stream": True, "messages": messages}
         body = json.dumps(payload).encode()
         head = (
@@ -287,6 +295,15 @@ class Target:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         return head.encode() + body
+
+
+HISTORY_TEXT = "Earlier in this conversation: " + "a homelab question and its answer. " * 28
+"""About 1 KB: one earlier message of `--history`."""
+
+
+def _history(count: int) -> list[dict[str, str]]:
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": f"{i}. {HISTORY_TEXT}"} for i in range(count)]
 
 
 async def one_stream(target: Target, prompt: str, result: Result) -> None:
@@ -668,7 +685,7 @@ def start_upstream(work: Path) -> tuple[Proc, int]:
 
 
 def run_direct(bench: Bench, port: int, levels: list[int], found: dict[int, Level]) -> None:
-    target = Target("direct", "127.0.0.1", port, "fake-model")
+    target = Target("direct", "127.0.0.1", port, "fake-model", history=bench.args.history)
     print("direct to the upstream:", file=sys.stderr, flush=True)
     bench.warm_up(target)
     for n in levels:
@@ -688,7 +705,10 @@ def run_haia(
     bench.pids.update(web=stack.web.process.pid, worker=stack.worker.process.pid)
     bench.pids.update({f"worker{i}": proc.process.pid for i, proc in enumerate(extra, start=2)})
     port = int(stack.base_url.rsplit(":", 1)[1])
-    targets = [Target(APIS[api], "127.0.0.1", port, "ollama:fake-model", api) for api in bench.apis]
+    targets = [
+        Target(APIS[api], "127.0.0.1", port, "ollama:fake-model", api, bench.args.history)
+        for api in bench.apis
+    ]
     for target in targets:
         bench.warm_up(target)
     drain(bench.args.redis_url, DRAIN_TIMEOUT)
@@ -731,6 +751,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--direct-only", action="store_true", help="check the upstream and the client alone"
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="earlier messages (about 1 KB each) every request resends, as OpenWebUI does",
     )
     parser.add_argument(
         "--api",

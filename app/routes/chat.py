@@ -30,7 +30,7 @@ from app.inflight import Inflight
 from app.logs import request_id_var
 from app.openapi import errors, register, stream_events, text
 from app.relay import Follower
-from app.request_body import parse_body, read_body
+from app.request_body import parse_body, read_body, release_body
 from app.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -132,9 +132,13 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
                 request_id=request_id_var.get(),
             )
             await _enqueue(svc, turn, "generate", options=body.options())
+        stream, include_usage = body.stream, body.include_usage
+        # Stored: the request's copy of the conversation is not needed while the answer streams.
+        del body
+        release_body(request)
         headers = {CONVERSATION_HEADER: turn.conversation_id}
-        if body.stream:
-            await _stream(request, follower, turn, body.include_usage, headers)
+        if stream:
+            await _stream(request, follower, turn, include_usage, headers)
             return None
         completion = await _collect(svc, follower, turn)
         return json_response(completion.model_dump(mode="json"), headers=headers)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from app.generations import RESPONSE_PREFIX, logged_events
 from app.logs import request_id_var
 from app.openapi import errors, integer, register, response_events, returns
 from app.relay import Follower
-from app.request_body import parse_body, read_body
+from app.request_body import parse_body, read_body, release_body
 from app.responses_schema import (
     InputItemList,
     ResponseDeleted,
@@ -167,22 +167,13 @@ async def create_response(request: Request) -> HTTPResponse | None:
     await _admit(svc, request.ctx.owner)
     response_id = new_response_id()
     meta = body.meta(response_id=response_id, model=model, created_at=int(time.time()))
-    inputs = _input_items(body, response_id)
-
-    async def record(conversation: Conversation, created: datetime) -> None:
-        meta["created_at"] = int(created.timestamp())
-        if body.store:
-            meta["conversation_id"] = conversation.id
-        row = {
-            "id": response_id,
-            "owner": request.ctx.owner,
-            "conversation_id": conversation.id,
-            "meta": meta,
-            "input": inputs,
-            "store": body.store,
-            "created_at": created,
-        }
-        await sql.insert(StoredResponse, [row])
+    record = _recorder(
+        response_id=response_id,
+        owner=request.ctx.owner,
+        meta=meta,
+        inputs=_input_items(body, response_id),
+        store=body.store,
+    )
 
     # A stream holds one of the owner's HAIA_MAX_STREAMS_PER_OWNER slots, as on chat.
     slot = svc.streams.hold(request.ctx.owner) if body.stream else contextlib.nullcontext()
@@ -213,14 +204,46 @@ async def create_response(request: Request) -> HTTPResponse | None:
             if not body.store:
                 await _remember(svc, request.ctx.owner, meta)
             await _enqueue(svc, turn, "generate", options=options)
-        headers = {CONVERSATION_HEADER: turn.conversation_id} if body.store else {}
-        if body.stream:
+        store, stream, background = body.store, body.stream, body.background
+        # Stored: the request's copy of the conversation is not needed while the answer streams.
+        del body, messages, options, record
+        release_body(request)
+        headers = {CONVERSATION_HEADER: turn.conversation_id} if store else {}
+        if stream:
             await _stream(request, follower, turn, meta, headers)
             return None
-        if body.background:
+        if background:
             return json_response(ResponseEncoder(meta).response(), headers=headers)
         events = await _collect(svc, follower, turn)
         return json_response(_encoded(meta, events).response(), headers=headers)
+
+
+def _recorder(
+    *,
+    response_id: str,
+    owner: str,
+    meta: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    store: bool,
+) -> Callable[[Conversation, datetime], Awaitable[None]]:
+    """Stores the response's row once its conversation exists (`on_created` of the turn)."""
+
+    async def record(conversation: Conversation, created: datetime) -> None:
+        meta["created_at"] = int(created.timestamp())
+        if store:
+            meta["conversation_id"] = conversation.id
+        row = {
+            "id": response_id,
+            "owner": owner,
+            "conversation_id": conversation.id,
+            "meta": meta,
+            "input": inputs,
+            "store": store,
+            "created_at": created,
+        }
+        await sql.insert(StoredResponse, [row])
+
+    return record
 
 
 async def _remember(svc: Services, owner: str, meta: dict[str, Any]) -> None:
