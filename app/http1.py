@@ -149,8 +149,8 @@ class _Connection(asyncio.Protocol):
 
     # --- one request ---
 
-    def start(self, request: bytes, on_data: OnData | None) -> asyncio.Future[Answer]:
-        """Send `request`; a 200 answer's SSE `data:` fields go to `on_data`, or, without
+    def start(self, head: bytes, body: bytes, on_data: OnData | None) -> asyncio.Future[Answer]:
+        """Send `head` and `body`; a 200 answer's SSE `data:` fields go to `on_data`, or, without
         one, its whole body is kept in the `Answer`."""
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
@@ -165,7 +165,9 @@ class _Connection(asyncio.Protocol):
         self._last = loop.time()
         self._timer = loop.call_later(self.read_timeout, self._check_silence)
         assert self.transport is not None
-        self.transport.write(request)
+        # Head and body as they are: joined, a long conversation's body would be copied once
+        # more, and kept for as long as the answer streams.
+        self.transport.writelines((head, body))
         return self._finished
 
     @property
@@ -453,7 +455,7 @@ class SSEClient:
             "Accept-Encoding: identity",
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        request_head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         for reused in (True, False):
             connection = self._take_idle(origin) if reused else None
             if reused and connection is None:
@@ -461,7 +463,7 @@ class SSEClient:
             if connection is None:
                 connection = await self._open(origin)
             try:
-                return await connection.start(request, on_data)
+                return await connection.start(request_head, body or b"", on_data)
             except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
                 if reused and not connection.answered:
                     continue  # the server had closed the idle connection: send it anew
