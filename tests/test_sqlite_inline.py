@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tortoise.backends.sqlite.client import SqliteTransactionWrapper
 
 from app.db import tortoise_config
 from app.db.sqlite_inline import InlineSqliteClient, _locked
@@ -143,3 +144,35 @@ def test_extended_busy_codes_count_as_locked(code: int, locked: bool) -> None:
     exc = sqlite3.OperationalError("refused")
     exc.sqlite_errorcode = code
     assert _locked(exc) is locked
+
+
+async def test_a_transaction_that_meets_the_other_processs_write_waits_and_commits(
+    client: InlineSqliteClient, tmp_path: Path
+) -> None:
+    """The other process holds the write lock and commits while a transaction waits for it.
+    A turn reads before it writes (the conversation's head, then its rows): begun deferred, the
+    read would have taken a snapshot, and SQLite refuses to upgrade a stale snapshot to a write
+    (SQLITE_BUSY_SNAPSHOT, "database is locked" at once, no busy wait): a continued
+    conversation's turn lost with a 503 whenever the worker wrote in between."""
+    other = sqlite3.connect(tmp_path / "inline.sqlite3", isolation_level=None)
+    await client.execute_insert("INSERT INTO item (name) VALUES (?)", ["before"])
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO item (name) VALUES ('other')")
+
+    async def turn() -> None:
+        # What `in_transaction()` runs, without Tortoise's global context.
+        transaction = SqliteTransactionWrapper(client)
+        await transaction.begin()
+        await transaction.execute_query("SELECT name FROM item", [])
+        await transaction.execute_insert("INSERT INTO item (name) VALUES (?)", ["first"])
+        await transaction.execute_insert("INSERT INTO item (name) VALUES (?)", ["second"])
+        await transaction.commit()
+
+    storing = asyncio.create_task(turn())
+    await asyncio.sleep(0.2)
+    assert not storing.done()  # waiting for the lock
+    other.execute("COMMIT")  # the other process's write lands first
+    other.close()
+    await asyncio.wait_for(storing, 5)
+    _, rows = await client.execute_query("SELECT name FROM item ORDER BY id", [])
+    assert [row["name"] for row in rows] == ["before", "other", "first", "second"]

@@ -13,14 +13,18 @@ and the loop goes on meanwhile. That retry is safe: a statement refused with SQL
 changed nothing (Tortoise runs `executemany` inside BEGIN, so no row of it was committed).
 
 Transactions hold their lock only for the CPU time of their statements (no hop between them),
-so the other process rarely has to wait at all.
+so the other process rarely has to wait at all. They begin with `BEGIN IMMEDIATE`, taking the
+write lock first: a deferred transaction whose first write found the lock taken would keep
+the snapshot of that attempt, and once the other process committed, SQLite would refuse the
+retry (SQLITE_BUSY_SNAPSHOT) instead of waiting. An immediate BEGIN that finds the lock taken
+has read nothing, so it is retried like any other statement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiosqlite
@@ -59,6 +63,15 @@ class InlineConnection(aiosqlite.Connection):
             if not _locked(exc):
                 raise
         return await self._off_the_loop(fn, args, kwargs)
+
+    @contextmanager
+    async def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> aiosqlite.Cursor:
+        if sql == "BEGIN":  # what Tortoise sends for a transaction and for `executemany`
+            sql = "BEGIN IMMEDIATE"
+        cursor = await self._execute(
+            self._conn.execute, sql, [] if parameters is None else parameters
+        )
+        return aiosqlite.Cursor(self, cursor)
 
     @contextmanager
     async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
