@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -279,7 +280,7 @@ class Target:
     """Earlier messages each request resends (as OpenWebUI resends the conversation)."""
 
     def request(self, prompt: str) -> bytes:
-        messages = [*_history(self.history), {"role": "user", "content": prompt}]
+        messages = [*_history(self.history, uuid.uuid4().hex), {"role": "user", "content": prompt}]
         if self.api == "responses":
             path = "/v1/responses"
             payload: dict[str, object] = {"model": self.model, "stream": True, "input": prompt}
@@ -301,9 +302,11 @@ HISTORY_TEXT = "Earlier in this conversation: " + "a homelab question and its an
 """About 1 KB: one earlier message of `--history`."""
 
 
-def _history(count: int) -> list[dict[str, str]]:
+def _history(count: int, chat: str) -> list[dict[str, str]]:
+    """`count` earlier messages of a conversation of its own (`chat` makes it unique: a
+    history HAIA has stored before would continue, or branch, that conversation instead)."""
     roles = ("user", "assistant")
-    return [{"role": roles[i % 2], "content": f"{i}. {HISTORY_TEXT}"} for i in range(count)]
+    return [{"role": roles[i % 2], "content": f"{chat} {i}. {HISTORY_TEXT}"} for i in range(count)]
 
 
 async def one_stream(target: Target, prompt: str, result: Result) -> None:

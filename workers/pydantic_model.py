@@ -58,7 +58,7 @@ from pydantic_ai.tools import ToolDefinition
 
 from app.config import Settings
 from app.content import BLOB_SCHEME
-from app.db.models import Blob, Message
+from app.db.models import Blob
 from app.errors import (
     HaiaError,
     InvalidRequest,
@@ -71,6 +71,7 @@ from app.errors import (
 )
 from app.prompts import HOMELAB_ASSISTANT_PROMPT
 from app.upstreams import Upstream
+from workers.context import ContextRow
 from workers.openai_wire import Transient
 
 
@@ -196,7 +197,7 @@ def request_settings(
 
 
 def model_messages(
-    rows: Sequence[Message],
+    rows: Sequence[ContextRow],
     *,
     blobs: dict[str, Blob],
     provider: str,
@@ -214,7 +215,7 @@ def model_messages(
 
 
 def to_model_messages(
-    rows: Sequence[Message], *, blobs: dict[str, Blob], provider: str
+    rows: Sequence[ContextRow], *, blobs: dict[str, Blob], provider: str
 ) -> list[ModelMessage]:
     """Stored rows as pydantic-ai messages; consecutive request parts share one request."""
     messages: list[ModelMessage] = []
@@ -244,7 +245,7 @@ def to_model_messages(
     return messages
 
 
-def _user_content(row: Message, blobs: dict[str, Blob]) -> str | list[UserContent]:
+def _user_content(row: ContextRow, blobs: dict[str, Blob]) -> str | list[UserContent]:
     if not row.parts:
         return row.content
     content: list[UserContent] = []
@@ -263,7 +264,7 @@ def _user_content(row: Message, blobs: dict[str, Blob]) -> str | list[UserConten
     return content
 
 
-def _response(row: Message, provider: str, tool_names: dict[str, str]) -> ModelResponse:
+def _response(row: ContextRow, provider: str, tool_names: dict[str, str]) -> ModelResponse:
     parts: list[ModelResponsePart] = []
     if provider == "anthropic":
         for thinking in row.reasoning_parts or ():
