@@ -138,6 +138,16 @@ async def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_Forwa
     await proxy.stop()
 
 
+def _anthropic(base_url: str) -> Upstream:
+    return Upstream(
+        name="anthropic",
+        kind="anthropic",
+        base_url=base_url,
+        url_variable="ANTHROPIC_BASE_URL",
+        api_key="sk-ant-test",
+    )
+
+
 def _endpoint(base_url: str) -> Endpoint:
     upstream = Upstream(
         name="ollama", kind="ollama", base_url=f"{base_url}/v1", url_variable="OLLAMA_BASE_URL"
@@ -201,13 +211,7 @@ async def test_model_lists_are_asked_through_the_proxy(
     proxy, and the answer is the same as asked directly."""
     client = SSEClient(connect_timeout=5, read_timeout=5)
     ollama = _endpoint(fake_upstream).upstream
-    anthropic = Upstream(
-        name="anthropic",
-        kind="anthropic",
-        base_url=fake_upstream,
-        url_variable="ANTHROPIC_BASE_URL",
-        api_key="sk-ant-test",
-    )
+    anthropic = _anthropic(fake_upstream)
     try:
         assert await discover(ollama, client, wait=5) == ["ollama:fake-model"]
         assert await discover(anthropic, client, wait=5) == ["anthropic:claude-fake"]
@@ -267,13 +271,7 @@ async def test_a_redirect_through_the_proxy_is_not_followed(
     other_port = other_server.sockets[0].getsockname()[1]
     redirect_server = await asyncio.start_server(redirecting, "127.0.0.1", 0)
     base = f"http://127.0.0.1:{redirect_server.sockets[0].getsockname()[1]}"
-    anthropic = Upstream(
-        name="anthropic",
-        kind="anthropic",
-        base_url=base,
-        url_variable="ANTHROPIC_BASE_URL",
-        api_key="sk-ant-secret",
-    )
+    anthropic = _anthropic(base)
     client = SSEClient(connect_timeout=5, read_timeout=5)
     try:
         with pytest.raises(Refused) as refused:
