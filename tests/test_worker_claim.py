@@ -9,7 +9,8 @@ them is taken as long as this worker has room.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -21,11 +22,12 @@ from arq.constants import (
     result_key_prefix,
     retry_key_prefix,
 )
+from arq.worker import func
 
 from app import jobs, keys
 from tests.conftest import REDIS_BASE
 from workers.jobs_run import Claimed, JobEnds
-from workers.main import WakeableWorker
+from workers.main import ADMISSION_LAG, WakeableWorker
 
 
 @pytest.fixture
@@ -284,3 +286,71 @@ async def test_a_job_its_function_cannot_take_fails_as_a_job(pool: ArqRedis) -> 
     result = jobs.deserialize(await pool.get(result_key_prefix + "odd-1"))
     assert result["s"] is False and result["r"].startswith("TypeError")
     assert await queued(pool) == [] and found.jobs_failed == 1
+
+
+async def test_a_worker_whose_loop_lags_leaves_new_jobs_in_the_queue(pool: ArqRedis) -> None:
+    """Admission: while a running generation starves the worker's event loop (here a job that
+    blocks it for 0.2 s at a time), the worker measures the lag and takes nothing new; the
+    next job waits in the queue, where another worker could take it, and runs once the loop
+    is free again."""
+    hogged = 0
+
+    async def hog(ctx: dict[str, Any], job_id: str) -> None:
+        nonlocal hogged
+        for _ in range(10):
+            time.sleep(0.2)  # noqa: ASYNC251 - the point: the loop gets no turn meanwhile
+            hogged += 1
+            await asyncio.sleep(0)
+
+    started_after: list[int] = []
+
+    async def later(ctx: dict[str, Any], job_id: str) -> None:
+        started_after.append(hogged)
+
+    found = WakeableWorker(
+        functions=[func(hog, name="hog"), func(later, name="later")],
+        queue_name=keys.QUEUE,
+        redis_pool=pool,
+        max_jobs=10,
+        wake_timeout=0.05,
+        job_timeout=30,
+        keep_result=60,
+        job_serializer=jobs.serialize,
+        job_deserializer=jobs.deserialize,
+    )
+
+    async def polling() -> None:
+        while True:
+            await found._poll_iteration()
+
+    poller = asyncio.create_task(polling())
+    try:
+        assert await jobs.enqueue(pool, "hog", "hog")
+        await _until(lambda: hogged >= 4)  # lagging: 0.2 s per sample, over ADMISSION_LAG
+        assert found.lag > ADMISSION_LAG
+        assert await jobs.enqueue(pool, "later", "later")
+        await _until(lambda: hogged >= 8)
+        assert "later" not in found.tasks  # not taken ...
+        assert await pool.zscore(keys.QUEUE, "later") is not None  # ... still queued
+        assert not await pool.exists(in_progress_key_prefix + "later")
+        async with asyncio.timeout(10):
+            while not await pool.exists(result_key_prefix + "later"):
+                await asyncio.sleep(0.05)  # the loop is free again: taken and run
+        assert started_after == [10]  # once the hog had let go of the loop
+    finally:
+        await _stop(found, poller)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def _stop(found: WakeableWorker, poller: asyncio.Task[None]) -> None:
+    """Cancel the poll loop and what the worker started (its own `close` is arq's)."""
+    tasks = [poller, found._wake_task, found._lag_task, *found.tasks.values()]
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
