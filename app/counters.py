@@ -16,7 +16,8 @@ TTFT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INF = "+Inf"
 
 
-def _field(*labels: str) -> str:
+def labels_field(*labels: str) -> str:
+    """A hash field naming a metric's labels (what `app.metrics` reads back)."""
     return json.dumps(labels)
 
 
@@ -39,15 +40,15 @@ def generation_counters(
     """The increments that count one ended generation, its tokens and its time to first
     token. They are applied by the script that appends the generation's `end` (no round trip
     of their own), and only if that `end` is accepted: a generation is counted once."""
-    counters: list[Counter] = [(keys.METRICS_GENERATIONS, _field(model, status), "1")]
+    counters: list[Counter] = [(keys.METRICS_GENERATIONS, labels_field(model, status), "1")]
     for kind, tokens in (("prompt", prompt_tokens), ("completion", completion_tokens)):
         if tokens:
-            counters.append((keys.METRICS_TOKENS, _field(model, kind), str(int(tokens))))
+            counters.append((keys.METRICS_TOKENS, labels_field(model, kind), str(int(tokens))))
     if ttft_seconds is not None:
         seconds = max(ttft_seconds, 0.0)
         counters += [
-            (keys.METRICS_TTFT, _field(model, _bucket(seconds)), "1"),
-            (keys.METRICS_TTFT, _field(model, "sum"), f"{seconds:.6f}"),
-            (keys.METRICS_TTFT, _field(model, "count"), "1"),
+            (keys.METRICS_TTFT, labels_field(model, _bucket(seconds)), "1"),
+            (keys.METRICS_TTFT, labels_field(model, "sum"), f"{seconds:.6f}"),
+            (keys.METRICS_TTFT, labels_field(model, "count"), "1"),
         ]
     return counters

@@ -83,7 +83,6 @@ class TooLarge(ProtocolError):
 
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _IDENTITY, _UNTIL_CLOSE, _COMPLETE = range(7)
-_BREAKS = frozenset("\r\n")
 
 
 @dataclass(eq=False)
@@ -440,7 +439,7 @@ class SSEClient:
             password = unquote(parts.password or "")
             basic = base64.b64encode(f"{user}:{password}".encode()).decode()
             headers = {**headers, "Authorization": f"Basic {basic}"}
-        if any(_BREAKS & set(f"{name}{value}") for name, value in headers.items()):
+        if any("\r" in line or "\n" in line for line in map("".join, headers.items())):
             # A line break would end the header early and smuggle in another (a stray
             # newline at the end of an API key in a file is the usual cause).
             raise ValueError("a request header contains a line break")

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from app import keys
-from app.counters import INF, TTFT_BUCKETS, _field
+from app.counters import INF, TTFT_BUCKETS, labels_field
 from app.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class RequestCounts:
         self._task: asyncio.Task[None] | None = None
 
     def add(self, *, route: str, status: int) -> None:
-        self._counts[_field(route, str(status))] += 1
+        self._counts[labels_field(route, str(status))] += 1
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="haia-request-counts")

@@ -53,8 +53,7 @@ class InlineConnection(aiosqlite.Connection):
     other call may touch the connection, even if the caller that made it was cancelled."""
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        while self._waited is not None:
-            await asyncio.wait([self._waited])  # never cancels it; its outcome is its caller's
+        await self._thread_done()
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
         try:
@@ -80,9 +79,14 @@ class InlineConnection(aiosqlite.Connection):
         cursor = await self._off_the_loop(self._conn.executescript, (sql_script,), {})
         return aiosqlite.Cursor(self, cursor)
 
-    async def _off_the_loop(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    async def _thread_done(self) -> None:
+        """Wait until no call waits in aiosqlite's thread (never cancelling it: its outcome is
+        its caller's)."""
         while self._waited is not None:
             await asyncio.wait([self._waited])
+
+    async def _off_the_loop(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        await self._thread_done()
         waited = asyncio.ensure_future(super()._execute(self._waiting, fn, args, kwargs))  # type: ignore[no-untyped-call]
         self._waited = waited
         waited.add_done_callback(self._waited_done)
