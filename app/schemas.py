@@ -470,3 +470,14 @@ class HealthReport(BaseModel):
     status: Literal["ok", "unavailable"]
     auth: Literal["on", "off"] = Field(description="whether HAIA_API_KEYS is set")
     checks: dict[str, Check]
+
+
+class Index(BaseModel):
+    """`GET /`: what a person opening HAIA's address in a browser needs to find the rest."""
+
+    name: Literal["HAIA"] = "HAIA"
+    description: str = "Homelab AI Assistant: an OpenAI-compatible chat API"
+    api: str = Field(default="/v1", description="the OpenAI-compatible API's base URL")
+    models: str = "/v1/models"
+    health: str = "/health"
+    docs: str = Field(default="/docs", description="the OpenAPI document and its viewer")

@@ -61,7 +61,7 @@ _SANIC_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/", "/health"})
 DOCS_PREFIX = "/docs"
 _STORE_DOWN: tuple[type[BaseException], ...] = (
     DBConnectionError,

@@ -340,6 +340,18 @@ def test_health_follows_the_worker_heartbeats(make_stack: StackFactory) -> None:
     assert httpx.get(f"{stack.base_url}/health").json()["checks"]["workers"]["count"] == 1
 
 
+def test_the_address_itself_says_where_everything_is(ops: Stack) -> None:
+    """What a newcomer opening http://127.0.0.1:8000 sees: no key needed, links that work."""
+    index = httpx.get(f"{ops.base_url}/")
+    assert index.status_code == 200
+    links = index.json()
+    assert links["name"] == "HAIA" and links["api"] == "/v1"
+    assert httpx.get(f"{ops.base_url}{links['health']}").status_code == 200
+    assert httpx.get(f"{ops.base_url}{links['docs']}").status_code == 200
+    assert httpx.get(f"{ops.base_url}{links['models']}", headers=AUTH).status_code == 200
+    assert httpx.get(f"{ops.base_url}{links['models']}").status_code == 401  # the API needs one
+
+
 # --- docs ---------------------------------------------------------------------------------------
 
 

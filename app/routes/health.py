@@ -18,7 +18,7 @@ from tortoise import connections
 from app.context import Services, services
 from app.metrics import live_workers
 from app.openapi import returns
-from app.schemas import Check, HealthReport
+from app.schemas import Check, HealthReport, Index
 
 bp = Blueprint("health")
 
@@ -81,6 +81,14 @@ async def _workers(svc: Services, redis_down: str | None) -> Check:
     if not ids:
         return Check(status="down", detail="no worker heartbeat in Redis", count=0, ids=[])
     return Check(status="ok", count=len(ids), ids=ids)
+
+
+@bp.get("/")
+@openapi.summary("Where the API, the model list, the health report and the docs are")
+@openapi.description("Needs no key: the address the README's first command names.")
+@returns(200, Index, "HAIA's entry points")
+async def index(request: Request) -> HTTPResponse:
+    return json_response(Index().model_dump())
 
 
 @bp.get("/health")
