@@ -17,6 +17,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
 from app import keys
+from app.script_calls import script_calls
 
 
 def _plain(value: Any) -> Any:
@@ -64,16 +65,18 @@ async def enqueue(
 ) -> bool:
     """Queue `function(job_id, **kwargs)` under `job_id` for the workers and wake them, with
     its `haia:inflight` entry: one script, where arq's `enqueue_job` and the two writes around
-    it took five round trips of every request. False when that job exists already.
+    it took five round trips of every request; the enqueues of a burst share one write
+    (`app.script_calls`). False when that job exists already.
 
     The job is stored exactly as arq stores it (`serialize_job`, JSON), and its lifetime is
     arq's default (a day)."""
     now = timestamp_ms()
     job = serialize_job(function, (job_id,), kwargs, None, now, serializer=serialize)
-    script = redis.register_script(_ENQUEUE)
-    done = await script(
-        keys=[job_key_prefix + job_id, result_key_prefix + job_id, keys.QUEUE, keys.INFLIGHT],
-        args=[
+    calls = script_calls(redis)
+    done = await calls.call(
+        calls.script(_ENQUEUE),
+        [job_key_prefix + job_id, result_key_prefix + job_id, keys.QUEUE, keys.INFLIGHT],
+        [
             job_id,
             job,
             redis.expires_extra_ms,

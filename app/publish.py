@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError
 from app import keys
 from app.counters import Counter
 from app.events import Event
+from app.script_calls import script_calls
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,6 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.claim: AsyncScript = redis.register_script(_CLAIM)
         self.emit: AsyncScript = redis.register_script(_EMIT)
         self.emit_many: AsyncScript = redis.register_script(_EMIT_MANY)
 
@@ -208,11 +208,12 @@ async def claim(
     Raises `Fenced` when the generation has ended or a later run holds it.
     """
     body = start.body() if start is not None else ""
+    calls = script_calls(redis)  # the claims of a burst of starts share one write
     result = int(
-        await scripts(redis).claim(
-            keys=[*_keys(completion_id), keys.INFLIGHT],
-            args=[token, ttls.running, body, completion_id, inflight],
-            client=redis,
+        await calls.call(
+            calls.script(_CLAIM),
+            [*_keys(completion_id), keys.INFLIGHT],
+            [token, ttls.running, body, completion_id, inflight],
         )
     )
     if result < 0:

@@ -199,8 +199,7 @@ async def relay_encoded(
         if live is not None:
             live.direct = None
     # Also when resumed past the end: the client already had every event.
-    await response.send(DONE)
-    await response.eof()  # type: ignore[no-untyped-call]
+    await response.send(DONE, end_stream=True)
 
 
 class DirectWrite:
@@ -245,10 +244,10 @@ async def _send(response: HTTPResponse, encoder: Encoder, event: Event | None) -
         await response.send(PING)
         return False
     data = encoder.encode(event)
-    if data:
-        await response.send(data)
     if not event.is_terminal:
+        if data:
+            await response.send(data)
         return False
-    await response.send(DONE)
-    await response.eof()  # type: ignore[no-untyped-call]
+    # The end, `[DONE]` and the chunked body's end: one write, where three were.
+    await response.send(data + DONE, end_stream=True)
     return True

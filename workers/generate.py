@@ -24,6 +24,7 @@ from app.generations import Ending, end_as, end_run, take_fence, ttls
 from app.inflight import Inflight
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher
+from app.script_calls import script_calls
 from app.upstreams import Upstream, model_chain
 from workers.context import Context, load_context
 from workers.lease import Lease
@@ -31,6 +32,12 @@ from workers.model_call import first_upstream, stream_model
 from workers.state import WorkerState, state
 
 log = logging.getLogger(__name__)
+
+# KEYS: the generation's fence, its cancel flag, its replay log.
+_WHAT_REDIS_KNOWS = """
+return {redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[2]),
+        redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
 
 PROGRESS_EVERY = 16
 """Deltas between updates of the token count in `haia:inflight`."""
@@ -82,12 +89,18 @@ async def _generate_started(
 ) -> str:
     # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?), read
     # at the same time: each is a round trip before the model request.
-    pipe = st.redis.pipeline(transaction=False)
-    pipe.get(keys.gen_fence(completion_id))
-    pipe.exists(keys.gen_cancel(completion_id))
-    pipe.lrange(keys.gen_log(completion_id), 0, -1)
+    calls = script_calls(st.redis)  # the reads of a burst of starts share one write
+    reads = calls.call(
+        calls.script(_WHAT_REDIS_KNOWS),
+        [
+            keys.gen_fence(completion_id),
+            keys.gen_cancel(completion_id),
+            keys.gen_log(completion_id),
+        ],
+        [],
+    )
     message, (fence, cancelled, logged) = await asyncio.gather(
-        raw.first(Message, completion_id=completion_id), pipe.execute()
+        raw.first(Message, completion_id=completion_id), reads
     )
     if message is None or message.status in FINISHED:
         return "skipped"
