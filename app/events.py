@@ -86,6 +86,28 @@ class Event:
 
 _FIELDS = frozenset(field.name for field in fields(Event))
 
+_SEQ = b'{"seq": '
+_PLAIN_DELTA = b', "type": "delta", "text": '
+
+
+def plain_delta(raw: bytes) -> tuple[int, bytes] | None:
+    """The seq and the text (still a JSON string) of a plain text delta's JSON as Redis holds
+    it (`{"seq": N, ` then `Event.body`'s hot path); None for any other event.
+
+    The relay splices the JSON string straight into the client's frame: both sides encode
+    text with `json.dumps`'s defaults, so the bytes are those of decoding and encoding again.
+    Another field after `text` (a reasoning delta's) shows as `", "`, which cannot occur
+    inside the string itself: a quote in it is escaped, and the second quote would follow a
+    space, not a backslash.
+    """
+    comma = raw.find(b",", 8, 30)
+    if comma < 0 or not raw.startswith(_PLAIN_DELTA, comma) or not raw.startswith(_SEQ):
+        return None
+    text = raw[comma + len(_PLAIN_DELTA) : -1]
+    if not raw.endswith(b'"}') or b'", "' in text or not text.startswith(b'"'):
+        return None
+    return int(raw[8:comma]), text
+
 
 def answering_model(events: list[Event]) -> str | None:
     """The model a log says answered: the `end`'s, else the last `start`'s."""

@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import cast
+from typing import Protocol, cast
 
 from redis.asyncio import Redis
 
 from app import keys
 from app.errors import Unavailable
-from app.events import Event
+from app.events import Event, plain_delta
 from app.hub import SILENCE, EventHub, Item, Silence
 
-DirectWrite = Callable[[Event], bool]
-"""Sends one live event to the client at once if it can (True), without waiting."""
+
+class DirectWrite(Protocol):
+    """Sends one live event to the client at once if it can (True), without waiting."""
+
+    def __call__(self, event: Event) -> bool: ...
+
+    def text(self, seq: int, text: bytes) -> bool:
+        """The same for a plain text delta whose text is still a JSON string."""
+        ...
+
 
 EndCheck = Callable[[int], Awaitable[Event | None]]
 """Given the last seq sent: the generation's `end` (as seq + 1) if it is over, else None."""
@@ -97,6 +105,16 @@ class Follower:
 
     def push(self, item: Item) -> None:
         if self._parked and self.direct is not None and isinstance(item, bytes):
+            plain = plain_delta(item) if self._queue.empty() else None
+            if plain is not None and plain[0] == self._last + 1:
+                try:
+                    sent = self.direct.text(*plain)
+                except Exception:  # noqa: BLE001 - the task sends it, and meets the error itself
+                    sent = False
+                if sent:
+                    self._received += 1
+                    self._last = plain[0]
+                    return
             event = Event.from_json(item)
             if event.seq == self._last + 1 and not event.is_terminal and self._queue.empty():
                 try:

@@ -499,6 +499,10 @@ class ResponseStream:
                 return fast
         return self._frames(self.encoder.feed(event))
 
+    def encode_text(self, seq: int, text: bytes) -> bytes | None:
+        decoded = json.loads(text)
+        return self.encoder.text_frame(decoded, self._after) if decoded else None
+
     def lost(self, detail: dict[str, Any]) -> bytes:
         """Not an encoded event (no sequence number of its own): the stream broke off."""
         return frame(

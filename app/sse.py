@@ -22,6 +22,7 @@ class ChunkWriter:
             f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null,'
             f'"choices":'
         )
+        self._head_bytes = self._head.encode()
 
     def for_model(self, model: str) -> ChunkWriter:
         """The same writer naming another model (a fallback that answers instead)."""
@@ -49,6 +50,15 @@ class ChunkWriter:
             f'[{{"index":0,"delta":{{"content":{json.dumps(text)}}},'
             f'"logprobs":null,"finish_reason":null}}]',
             seq,
+        )
+
+    def content_json(self, text: bytes, seq: int) -> bytes:
+        """`content` of a text already encoded as a JSON string (by `json.dumps`)."""
+        return b'id: %d\ndata: %b[{"index":0,"delta":{"content":%b},%b' % (
+            seq,
+            self._head_bytes,
+            text,
+            b'"logprobs":null,"finish_reason":null}]}\n\n',
         )
 
     def reasoning(self, text: str, seq: int) -> bytes:

@@ -108,6 +108,11 @@ class Encoder(Protocol):
         """The frame saying the stream broke off (Redis lost) while the generation goes on."""
         ...
 
+    def encode_text(self, seq: int, text: bytes) -> bytes | None:
+        """The frames of a plain text delta whose text is still a JSON string (the hot path:
+        no decoding, see `app.events.plain_delta`); None when `encode` must take it."""
+        ...
+
 
 class ChatEncoder:
     """`chat.completion.chunk` frames, each with `id: <seq>`.
@@ -150,6 +155,11 @@ class ChatEncoder:
 
     def lost(self, detail: dict[str, Any]) -> bytes:
         return self._writer.error(detail, None)
+
+    def encode_text(self, seq: int, text: bytes) -> bytes | None:
+        if self._role_pending:
+            return None
+        return self._writer.content_json(text, seq)
 
 
 async def relay(
@@ -219,9 +229,27 @@ class DirectWrite:
         self._encoder = encoder
 
     def __call__(self, event: Event) -> bool:
+        protocol = self._writable()
+        if protocol is None:
+            return False
+        self._write(protocol, self._encoder.encode(event))
+        return True
+
+    def text(self, seq: int, text: bytes) -> bool:
+        """Send a plain text delta whose text is still a JSON string (`encode_text`)."""
+        protocol = self._writable()
+        if protocol is None:
+            return False
+        data = self._encoder.encode_text(seq, text)
+        if data is None:
+            return False
+        self._write(protocol, data)
+        return True
+
+    def _writable(self) -> Any:
         http = self._http
         if http is None or http.response_func != http.http1_response_chunked:
-            return False
+            return None
         protocol = http.protocol
         transport = protocol.transport
         if (
@@ -230,12 +258,14 @@ class DirectWrite:
             or transport.get_write_buffer_size()
             or not protocol._can_write.is_set()
         ):
-            return False
-        data = self._encoder.encode(event)
+            return None
+        return protocol
+
+    @staticmethod
+    def _write(protocol: Any, data: bytes) -> None:
         if data:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            protocol.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             protocol._time = time.monotonic()
-        return True
 
 
 async def _send(response: HTTPResponse, encoder: Encoder, event: Event | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,10 +12,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from app import keys
-from app.events import Event, EventType
+from app.events import Event, EventType, plain_delta
 from app.hub import SILENCE, EventHub, Item
 from app.publish import Ttls, append
 from app.relay import Relay, _Inbox
+from app.sse import ChunkWriter
 from tests.conftest import REDIS_URL
 
 
@@ -93,6 +95,19 @@ async def test_one_connection_fans_out_to_every_listener(
         raise AssertionError("still subscribed after the last listener left")
 
 
+async def _produce_with_pauses(pub: Emitter) -> None:
+    """60 deltas, plain ones with quotes and a backslash, every tenth a reasoning one."""
+    await pub.emit("start", status="in_progress")
+    for i in range(60):
+        if i % 10 == 5:
+            await pub.emit("delta", reasoning=f"r{i}")  # not plain: decoded first
+        else:
+            await pub.emit("delta", text=f't{i} "q", \\')
+        if i % 7 == 0:
+            await asyncio.sleep(0.005)  # the task parks between some of them
+    await pub.emit("end", status="completed", finish_reason="stop")
+
+
 @pytest.mark.parametrize("keeps_up", [True, False], ids=["keeps-up", "falls-behind-at-times"])
 async def test_direct_sends_and_the_task_together_deliver_every_event_once_in_order(
     redis: aioredis.Redis, hub: EventHub, keeps_up: bool
@@ -103,27 +118,24 @@ async def test_direct_sends_and_the_task_together_deliver_every_event_once_in_or
     relay = Relay(redis, hub, keepalive=5)
     pub = publisher(redis, completion_id)
     sent: list[tuple[str, int]] = []
-    calls = 0
+    texts: dict[int, str] = {}
 
-    def direct(event: Event) -> bool:
-        nonlocal calls
-        calls += 1
-        if not keeps_up and calls % 3 == 0:
-            return False  # e.g. the client's socket buffer is full: the task sends it
-        sent.append(("direct", event.seq))
-        return True
+    class Direct:
+        @staticmethod
+        def __call__(event: Event) -> bool:
+            # Refused: e.g. the client's socket buffer is full: the task sends it.
+            ready = keeps_up or event.seq % 3 != 0
+            if ready:
+                sent.append(("direct", event.seq))
+            return ready
 
-    async def produce() -> None:
-        await pub.emit("start", status="in_progress")
-        for i in range(60):
-            await pub.emit("delta", text=f"t{i}")
-            if i % 7 == 0:
-                await asyncio.sleep(0.005)  # the task parks between some of them
-        await pub.emit("end", status="completed", finish_reason="stop")
+        def text(self, seq: int, text: bytes) -> bool:
+            texts[seq] = json.loads(text)  # a plain delta's text, still a JSON string
+            return self(Event(seq=seq, type="delta"))
 
     async with relay.follow(completion_id) as follower:
-        follower.direct = direct
-        producer = asyncio.create_task(produce())
+        follower.direct = Direct()
+        producer = asyncio.create_task(_produce_with_pauses(pub))
         async for event in follower.events(fresh=True):
             if event is not None:
                 sent.append(("task", event.seq))
@@ -131,6 +143,7 @@ async def test_direct_sends_and_the_task_together_deliver_every_event_once_in_or
     assert [seq for _, seq in sent] == list(range(1, 63))
     assert sent[-1] == ("task", 62)  # the end always goes through the task
     assert any(how == "direct" for how, _ in sent)
+    assert texts and all(text == f't{seq - 2} "q", \\' for seq, text in texts.items())
     if not keeps_up:
         assert sum(how == "task" for how, _ in sent) > 2
 
@@ -238,3 +251,33 @@ async def test_a_followers_inbox_keeps_order_through_a_long_backlog() -> None:
     assert not waiting.done()
     inbox.put(SILENCE)
     assert await asyncio.wait_for(waiting, 1) is SILENCE
+
+
+TRICKY = ["tok ", "", 'a", "b', "\\", 'x\\", "y', 'end"', "é😀\n\t", "\u2028", '{"seq": 1}']
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_a_plain_delta_spliced_is_the_chunk_decoding_makes(text: str) -> None:
+    """The hot path copies the text's JSON from the event into the chunk: the bytes are
+    exactly those of decoding the event and encoding the chunk."""
+    raw = Event(seq=7, type="delta", text=text).to_json().encode()
+    found = plain_delta(raw)
+    assert found is not None
+    seq, encoded = found
+    writer = ChunkWriter(completion_id="chatcmpl-x", created=1, model="m é", include_usage=False)
+    assert seq == 7
+    assert writer.content_json(encoded, seq) == writer.content(Event.from_json(raw).text, 7)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event(seq=3, type="delta", text="x", reasoning="y"),
+        Event(seq=3, type="delta", reasoning='", "'),
+        Event(seq=3, type="delta", tool={"index": 0, "arguments": '", "'}),
+        Event(seq=3, type="start", status="in_progress", model="m"),
+        Event(seq=3, type="end", status="completed", finish_reason="stop"),
+    ],
+)
+def test_other_events_are_not_taken_for_plain_deltas(event: Event) -> None:
+    assert plain_delta(event.to_json().encode()) is None

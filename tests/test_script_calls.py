@@ -1,0 +1,118 @@
+"""Script calls that share a write, against a real Redis: each call keeps its own result and
+error, in order; a burst is one pipeline; Redis forgetting its scripts or going away is
+survived or reported to every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from app.script_calls import ScriptCalls, script_calls
+from tests.conftest import REDIS_BASE
+
+# Appends ARGV[1] to the list KEYS[1]; returns the list's length. ARGV[1] == 'fail': an error.
+APPEND = """
+if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.Redis.from_url(f"{REDIS_BASE}/15")
+    yield redis
+    await redis.aclose()
+
+
+class Counting(ScriptCalls):
+    """Counts the pipelines sent."""
+
+    sent = 0
+
+    async def _pipeline(self, batch: list[Any]) -> list[Any]:
+        self.sent += 1
+        return await super()._pipeline(batch)
+
+
+async def test_a_burst_is_one_pipeline_and_each_call_keeps_its_result(
+    client: aioredis.Redis,
+) -> None:
+    calls = Counting(client)
+    key = f"script-calls:{uuid.uuid4().hex}"
+    script = calls.script(APPEND)
+    await client.script_load(APPEND)  # Redis knows it (else: one more pipeline, see below)
+    values = [str(i) if i != 5 else "fail" for i in range(50)]
+    results = await asyncio.gather(
+        *(calls.call(script, [key], [value]) for value in values), return_exceptions=True
+    )
+    assert calls.sent == 1
+    assert isinstance(results[5], ResponseError) and "asked to fail" in str(results[5])
+    lengths = [r for r in results if not isinstance(r, BaseException)]
+    assert lengths == list(range(1, 50))  # applied in the order they were made
+    assert await client.lrange(key, 0, -1) == [v.encode() for v in values if v != "fail"]  # type: ignore[misc]
+    await client.delete(key)
+
+
+async def test_calls_made_while_a_batch_is_on_the_wire_go_in_the_next_one(
+    client: aioredis.Redis,
+) -> None:
+    calls = Counting(client)
+    key = f"script-calls:{uuid.uuid4().hex}"
+    script = calls.script(APPEND)
+    await client.script_load(APPEND)  # Redis knows it (else: one more pipeline, see below)
+    first = asyncio.ensure_future(calls.call(script, [key], ["a"]))
+    await asyncio.sleep(0)  # the first batch is being sent
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(calls.call(script, [key], [str(i)])) for i in range(10)]
+    assert await first == 1
+    assert sorted(await asyncio.gather(*later)) == list(range(2, 12))
+    assert calls.sent == 2
+    await client.delete(key)
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(client: aioredis.Redis) -> None:
+    calls = ScriptCalls(client)
+    key = f"script-calls:{uuid.uuid4().hex}"
+    script = calls.script(APPEND)
+    assert await calls.call(script, [key], ["a"]) == 1
+    await client.script_flush()  # as after a Redis restart
+    assert await asyncio.gather(*(calls.call(script, [key], [v]) for v in "bc")) == [2, 3]
+    await client.delete(key)
+
+
+async def test_redis_away_fails_every_call_of_the_batch_and_the_next_batch_works() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    away = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    calls = ScriptCalls(away)
+    script = calls.script(APPEND)
+    results = await asyncio.gather(
+        *(calls.call(script, ["k"], [str(i)]) for i in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisConnectionError) for r in results)
+    await away.aclose()
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others(client: aioredis.Redis) -> None:
+    calls = script_calls(client)
+    assert script_calls(client) is calls  # one per client
+    key = f"script-calls:{uuid.uuid4().hex}"
+    script = calls.script(APPEND)
+    gone = asyncio.ensure_future(calls.call(script, [key], ["gone"]))
+    kept = asyncio.ensure_future(calls.call(script, [key], ["kept"]))
+    await asyncio.sleep(0)  # both are waiting for the batch
+    gone.cancel()
+    assert await kept == 2  # the cancelled call was already in the batch: it was sent
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert await calls.call(script, [key], ["after"]) == 3
+    await client.delete(key)
