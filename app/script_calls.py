@@ -1,21 +1,21 @@
-"""Redis script calls that go out together: every call made while the previous batch is on
-the wire (or in the same event-loop tick) is sent with the next one, as one pipeline.
+"""Redis script calls that go out together: the calls made in one event-loop tick, or while
+every sender is busy, are sent as one pipeline.
 
 At a few hundred requests arriving at once, each call of a script was its own socket write,
 its own read wake-up and its own connection checkout, on a process whose event loop is the
 bottleneck. Batched, a burst costs one write and one read per batch, and a lone call still
-goes out at once (no timer: a batch waits only for the one before it).
+goes out at the next turn of the event loop (no timer).
 
-Each call keeps its own result or error, as if it had been sent alone; calls are applied in
-the order they were made. A call whose caller gave up (cancelled) is still sent if it was
-already in a batch, exactly as an awaited command already written to the socket would be.
+Each call keeps its own result or error, as if it had been sent alone. Up to `IN_FLIGHT`
+batches are on the wire at once, each on its own pooled connection, so a connection that
+stalls holds up its own batch, not every later call. A call whose caller gave up (cancelled)
+before its batch went out is not sent; once sent, it runs, as an awaited command already
+written to the socket would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +24,10 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-log = logging.getLogger(__name__)
-
 Arg = str | bytes | int | float
+
+IN_FLIGHT = 4
+"""Batches one client may have on the wire at once."""
 
 
 @dataclass(slots=True)
@@ -38,13 +39,15 @@ class _Call:
 
 
 class ScriptCalls:
-    """Sends the script calls of one process in batches (one pipeline each)."""
+    """Sends the script calls of one Redis client in batches (one pipeline each)."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: list[_Call] = []
-        self._sending: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._pending: list[_Call] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
 
     def script(self, source: str) -> AsyncScript:
         """`source` registered on this client (once)."""
@@ -55,42 +58,51 @@ class ScriptCalls:
 
     async def call(self, script: AsyncScript, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run `script` with `keys` and `args`; its result, or the error Redis raised."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (tests): nothing of the old one carries
+            self._loop, self._pending, self._scheduled, self._sending = loop, [], False, set()
+        done: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(script, keys, args, done))
-        if self._sending is None or self._sending.get_loop() is not done.get_loop():
-            self._sending = asyncio.ensure_future(self._send_all())
+        self._schedule()
         return await done
 
-    async def _send_all(self) -> None:
-        try:
-            await asyncio.sleep(0)  # the calls made in this tick go with the first one
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._send(batch)
-        finally:
-            self._sending = None
-            if self._pending:  # cancelled while calls waited (shutdown): fail them
-                _settle(self._pending, RuntimeError("script calls stopped"))
-                self._pending = []
+    def _schedule(self) -> None:
+        if not self._scheduled and self._pending and len(self._sending) < IN_FLIGHT:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_batch)
+
+    def _start_batch(self) -> None:
+        self._scheduled = False
+        batch = [call for call in self._pending if not call.done.done()]  # not given up
+        self._pending = []
+        if not batch:
+            return
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(lambda done: self._sent(done, batch))
+
+    def _sent(self, task: asyncio.Task[None], batch: list[_Call]) -> None:
+        self._sending.discard(task)
+        _settle(batch, asyncio.CancelledError())  # only if the task never ran (cancelled)
+        self._schedule()  # what was called meanwhile
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._pipeline(batch)
-            missing = [
-                (call, i) for i, call in enumerate(batch) if isinstance(results[i], NoScriptError)
-            ]
-            if missing:  # Redis restarted (or flushed its scripts): load them, send again
-                for source in {call.script.script for call, _ in missing}:
-                    await self._redis.script_load(source)
-                again = await self._pipeline([call for call, _ in missing])
-                for (_, i), result in zip(missing, again, strict=True):
-                    results[i] = result
-        except asyncio.CancelledError:
-            _settle(batch, asyncio.CancelledError())
-            raise
         except Exception as exc:  # noqa: BLE001 - Redis away: every caller gets the error
             _settle(batch, exc)
             return
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:  # Redis restarted (or flushed its scripts): load them, send those again
+            again = [batch[i] for i in missing]
+            try:
+                for source in {call.script.script for call in again}:
+                    await self._redis.script_load(source)
+                for i, result in zip(missing, await self._pipeline(again), strict=True):
+                    results[i] = result
+            except Exception as exc:  # noqa: BLE001 - only those calls failed; the rest ran
+                for i in missing:
+                    results[i] = exc
         for call, result in zip(batch, results, strict=True):
             if call.done.done():
                 continue
@@ -106,13 +118,6 @@ class ScriptCalls:
             pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def close(self) -> None:
-        task = self._sending
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
 
 def _settle(batch: list[_Call], error: BaseException) -> None:
     for call in batch:
@@ -124,12 +129,10 @@ def _settle(batch: list[_Call], error: BaseException) -> None:
             call.done.set_exception(error)
 
 
-_BY_CLIENT: dict[int, ScriptCalls] = {}
-
-
 def script_calls(redis: Redis) -> ScriptCalls:
-    """The batcher of `redis`'s script calls (one per client)."""
-    found = _BY_CLIENT.get(id(redis))
-    if found is None or found._redis is not redis:
-        found = _BY_CLIENT[id(redis)] = ScriptCalls(redis)
+    """The batcher of `redis`'s script calls: one per client, kept on it (gone with it)."""
+    found: ScriptCalls | None = getattr(redis, "_haia_script_calls", None)
+    if found is None:
+        found = ScriptCalls(redis)
+        redis._haia_script_calls = found  # type: ignore[attr-defined]
     return found
