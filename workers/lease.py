@@ -9,6 +9,7 @@ the queue by the web) and gives its place back when its job is cancelled.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
@@ -26,11 +27,15 @@ class Lease:
 
     def __init__(self, redis: Redis, *, completion_id: str, worker: str, arrival_ms: int) -> None:
         self._redis = redis
-        self._slots = Slots(redis)
         self._completion_id = completion_id
         self._worker = worker
         self._arrival_ms = arrival_ms
         self.held: str | None = None
+
+    @functools.cached_property
+    def _slots(self) -> Slots:
+        # Only a limited upstream needs it: most generations never do (it registers a script).
+        return Slots(self._redis)
 
     async def enter(
         self, upstream: Upstream, *, on_wait: Callable[[Upstream], Awaitable[None]] | None = None
