@@ -80,6 +80,27 @@ async def test_a_locked_database_is_waited_for_off_the_loop(
     assert set(seen) == {threading.get_ident()}  # and the next statements run inline again
 
 
+async def test_a_lock_held_for_a_moment_is_waited_for_on_the_loop(
+    client: InlineSqliteClient, tmp_path: Path
+) -> None:
+    """The other process's write lock usually lasts one transaction's CPU time: the loop asks
+    again shortly after, and the statement never goes to aiosqlite's thread."""
+    seen = _threads_of(client)
+    other = sqlite3.connect(tmp_path / "inline.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO item (name) VALUES ('other')")
+    writing = asyncio.create_task(
+        client.execute_insert("INSERT INTO item (name) SELECT ? WHERE probe() = 1", ["mine"])
+    )
+    # Runs after the insert's first attempt was refused, before its first retry.
+    asyncio.get_running_loop().call_soon(other.execute, "COMMIT")
+    await asyncio.wait_for(writing, 5)
+    other.close()
+    _, rows = await client.execute_query("SELECT name FROM item ORDER BY id", [])
+    assert [row["name"] for row in rows] == ["other", "mine"]
+    assert seen and set(seen) == {threading.get_ident()}  # never in aiosqlite's thread
+
+
 async def test_a_wait_that_outlasts_the_busy_timeout_fails_as_before(
     client: InlineSqliteClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

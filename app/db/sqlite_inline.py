@@ -8,9 +8,11 @@ interval (5 ms), and a turn makes half a dozen of them in the web and in the wor
 
 Here the call runs where it is made. SQLite is asked not to wait for locks (busy timeout 0),
 so the loop never blocks on another process: when the database is locked (the other process
-is writing), the same call is made again in aiosqlite's thread, with the usual busy timeout,
-and the loop goes on meanwhile. That retry is safe: a statement refused with SQLITE_BUSY has
-changed nothing (Tortoise runs `executemany` inside BEGIN, so no row of it was committed).
+is writing), the same call is made again a few times from the loop after short sleeps
+(`INLINE_RETRIES`: the other process's lock lasts the CPU time of one transaction), then in
+aiosqlite's thread with the usual busy timeout, and the loop goes on meanwhile. Retrying is
+safe: a statement refused with SQLITE_BUSY has changed nothing (Tortoise runs `executemany`
+inside BEGIN, so no row of it was committed).
 
 Transactions hold their lock only for the CPU time of their statements (no hop between them),
 so the other process rarely has to wait at all. They begin with `BEGIN IMMEDIATE`, taking the
@@ -34,6 +36,10 @@ from tortoise.backends.sqlite.client import SqliteClient
 BUSY_TIMEOUT_MS = 5000
 """How long a call that found the database locked waits for it, in aiosqlite's thread (the
 busy timeout sqlite3 and Tortoise use by default)."""
+
+INLINE_RETRIES = (0.0002, 0.0005, 0.001)
+"""Seconds between the loop's own attempts at a statement the database refused as locked;
+then it waits in aiosqlite's thread."""
 
 _LOCKED = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
@@ -61,6 +67,18 @@ class InlineConnection(aiosqlite.Connection):
         except sqlite3.OperationalError as exc:
             if not _locked(exc):
                 raise
+        # The other process holds its lock for the CPU time of one transaction: a moment
+        # later it is usually free. Asked again from the loop a few times (the caller still
+        # holds the client's lock, so no other statement comes between), before waiting in
+        # the thread, where SQLite's own busy handler sleeps 1 ms, then 2, then 5.
+        for delay in INLINE_RETRIES:
+            await asyncio.sleep(delay)
+            await self._thread_done()
+            try:
+                return fn(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    raise
         return await self._off_the_loop(fn, args, kwargs)
 
     @contextmanager
