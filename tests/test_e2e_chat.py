@@ -75,6 +75,22 @@ async def test_streaming_with_the_sdk(stack: Stack, sdk: AsyncOpenAI) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+async def test_text_that_json_escapes_streams_exactly(stack: Stack, sdk: AsyncOpenAI) -> None:
+    """Deltas paced so the relay writes them straight from Redis to the client, their JSON
+    spliced without decoding (`app.events.plain_delta`): quotes, `", "`, backslashes,
+    non-ASCII, U+2028 and JSON-looking text arrive exactly."""
+    text = 'quote "a", "b" back\\slash\\ é 😀 line\u2028sep {"seq": 1, "type": "end"}'
+    stream = await sdk.chat.completions.create(
+        model="ollama:fake-model",
+        messages=[{"role": "user", "content": f"{text} #fake delay=0.02"}],
+        stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert got == f"Echo: {text}"
+    assert sum(c.choices[0].finish_reason is not None for c in chunks if c.choices) == 1
+
+
 async def test_raw_sse_transcript_order(stack: Stack) -> None:
     body = {
         "model": "ollama:fake-model",
