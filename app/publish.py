@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from app import keys
 from app.counters import Counter
@@ -169,25 +167,6 @@ class Ttls:
     final: int
 
 
-class Scripts:
-    """The two scripts, registered once per Redis client."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self.emit: AsyncScript = redis.register_script(_EMIT)
-        self.emit_many: AsyncScript = redis.register_script(_EMIT_MANY)
-
-
-_SCRIPTS: dict[int, Scripts] = {}
-
-
-def scripts(redis: Redis) -> Scripts:
-    found = _SCRIPTS.get(id(redis))
-    if found is None or found.redis is not redis:
-        found = _SCRIPTS[id(redis)] = Scripts(redis)
-    return found
-
-
 def _keys(completion_id: str) -> list[str]:
     return [
         keys.gen_fence(completion_id),
@@ -238,10 +217,12 @@ async def append(
     Returns the last sequence number; raises `Fenced` when refused.
     """
     terminal = "1" if events and events[-1].is_terminal else "0"
+    calls = script_calls(redis)
     result = int(
-        await scripts(redis).emit(
-            keys=[*_keys(completion_id), keys.INFLIGHT],
-            args=[
+        await calls.call(
+            calls.script(_EMIT),
+            [*_keys(completion_id), keys.INFLIGHT],
+            [
                 token,
                 ttls.running,
                 ttls.final,
@@ -250,7 +231,6 @@ async def append(
                 json.dumps(counters),
                 *(e.body() for e in events),
             ],
-            client=redis,
         )
     )
     if result < 0:
@@ -466,14 +446,9 @@ class Batcher:
             separators=(",", ":"),
             ensure_ascii=False,
         )
-        # EVALSHA straight away: a Script object would ask SCRIPT EXISTS first on every call.
-        emit_many = scripts(self._redis).emit_many
+        calls = script_calls(self._redis)  # EVALSHA, loading the script again if Redis lost it
         try:
-            try:
-                results = await self._redis.evalsha(emit_many.sha, 0, payload, keys.INFLIGHT)  # type: ignore[misc]
-            except NoScriptError:  # Redis restarted: scripts are gone
-                await self._redis.script_load(_EMIT_MANY)
-                results = await self._redis.evalsha(emit_many.sha, 0, payload, keys.INFLIGHT)  # type: ignore[misc]
+            results = await calls.call(calls.script(_EMIT_MANY), [], [payload, keys.INFLIGHT])
         except BaseException:
             # Not sent: the deltas go back in front, the ends stay where they are.
             for publisher, batch, entry in zip(ready, batches, progress, strict=True):
