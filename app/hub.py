@@ -1,16 +1,23 @@
-"""One Redis pub/sub connection per web process, fanned out to every stream it serves."""
+"""One Redis pub/sub connection per web process, fanned out to every stream it serves.
+
+The connection is opened by redis-py (address, TLS, password, client name: whatever the URL
+says), then read here: its transport is handed to `_Link`, which parses the replies where
+their bytes arrive (hiredis) and gives each message to its listeners in the same call. redis-py's
+`PubSub.get_message` cost an await, a dict and a few layers of calls per message, and at 500
+streams the web reads some 10,000 messages a second.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from app import keys
 from app.errors import Unavailable
@@ -34,6 +41,85 @@ class Listener(Protocol):
         ...
 
 
+def _command(*args: str) -> bytes:
+    """`args` as a Redis command (RESP)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Link(asyncio.Protocol):
+    """The hub's subscribed connection: commands written as they are asked for, replies parsed
+    as their bytes arrive and handed to `on_reply` there, one call per reply."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        # The stream writer stays referenced: when it is collected, it closes the transport.
+        self._writer = writer
+        self._transport: asyncio.WriteTransport = writer.transport
+        self._reader = hiredis.Reader()
+        self.on_reply: Callable[[list[Any]], None] = lambda reply: None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, redis: Redis, *, name: str) -> _Link:
+        """A connection redis-py opened from `redis`'s settings (address, TLS, password),
+        taken over. It is called `name` in `CLIENT LIST` unless the settings name it."""
+        pool: Any = redis.connection_pool
+        connection: Any = pool.make_connection()
+        connection.client_name = connection.client_name or name
+        await connection.connect()
+        writer, stream = connection._writer, connection._reader
+        if writer is None or stream is None or stream._buffer:  # nothing may be left unread
+            await connection.disconnect()
+            raise ConnectionError("the pub/sub connection could not be taken over")
+        # The socket is the link's now: redis-py must not close it when it forgets the
+        # connection (its `__del__` closes what it still holds).
+        connection._writer = connection._reader = None
+        link = cls(writer)
+        writer.transport.set_protocol(link)
+        return link
+
+    def command(self, *args: str) -> None:
+        if self._transport.is_closing():
+            raise ConnectionError("the pub/sub connection is closed")
+        self._transport.write(_command(*args))
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # --- asyncio.Protocol ---
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._transport.close()
+                self._lose(ConnectionError(f"Redis sent what is not RESP ({exc})"))
+                return
+            if reply is False:
+                return
+            if isinstance(reply, list):
+                self.on_reply(reply)
+            elif isinstance(reply, Exception):
+                log.warning("the pub/sub connection got an error reply: %s", reply)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(exc or ConnectionError("Redis closed the pub/sub connection"))
+
+    def _lose(self, exc: BaseException) -> None:
+        if not self.lost.done():
+            self.lost.set_exception(exc)
+            self.lost.exception()  # retrieved: the hub's reader sees it through its await
+
+
 class EventHub:
     """Subscribes to channels on behalf of many streams over a single connection, handing each
     message to the channel's listeners as it is read.
@@ -44,16 +130,16 @@ class EventHub:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pubsub: PubSub | None = None
-        self._listeners: dict[str, set[Listener]] = {}
-        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._link: _Link | None = None
+        self._listeners: dict[bytes, set[Listener]] = {}
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
         # SUBSCRIBE and UNSUBSCRIBE of one tick go out as one command each: a stream's own
         # pair was two socket writes per request.
         self._subscribing: set[str] = set()
         self._unsubscribing: set[str] = set()
-        self._sender: asyncio.Task[None] | None = None
+        self._sending = False
         # A channel of our own keeps the connection subscribed (and readable) at all times.
         self._own_channel = f"{keys.PREFIX}web:{os.getpid()}:{id(self)}"
 
@@ -66,35 +152,34 @@ class EventHub:
         self._reader = asyncio.create_task(self._run(), name="haia-event-hub")
 
     async def stop(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     @asynccontextmanager
     async def subscribe(self, channel: str, listener: Listener) -> AsyncIterator[None]:
         """Give `listener` every message published on `channel` while the context is open."""
-        pubsub = self._pubsub
-        if pubsub is None or self._reader is None or self._reader.done():
+        link = self._link
+        if link is None or self._reader is None or self._reader.done():
             raise Unavailable("HAIA cannot reach Redis right now; try again shortly.")
-        listeners = self._listeners.setdefault(channel, set())
+        name = channel.encode()
+        listeners = self._listeners.setdefault(name, set())
         listeners.add(listener)
         try:
-            if channel not in self._confirmed:
-                self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            if name not in self._confirmed:
+                self._confirmed[name] = asyncio.get_running_loop().create_future()
                 self._request(channel, subscribe=True)
-            await asyncio.wait_for(asyncio.shield(self._confirmed[channel]), SUBSCRIBE_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(self._confirmed[name]), SUBSCRIBE_TIMEOUT)
         except Exception as exc:
-            self._discard(channel, listener)
+            self._discard(name, listener)
             raise Unavailable("HAIA cannot reach Redis right now; try again shortly.") from exc
         try:
             yield
         finally:
-            if self._discard(channel, listener) and self._pubsub is pubsub:
+            if self._discard(name, listener) and self._link is link:
                 # If the connection is gone there is nothing to undo.
                 self._request(channel, subscribe=False)
 
@@ -107,31 +192,31 @@ class EventHub:
         else:
             self._subscribing.discard(channel)
             self._unsubscribing.add(channel)
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_requests(), name="haia-hub-requests")
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_requests)
 
-    async def _send_requests(self) -> None:
-        await asyncio.sleep(0)  # the requests of this tick join in
-        while self._subscribing or self._unsubscribing:
-            pubsub = self._pubsub
-            leaving, self._unsubscribing = self._unsubscribing, set()
-            joining, self._subscribing = self._subscribing, set()
-            if pubsub is None:
-                return  # no connection: its loss already failed every waiting subscriber
-            try:
-                if leaving:
-                    await pubsub.unsubscribe(*leaving)
-                if joining:
-                    await pubsub.subscribe(*joining)
-            except Exception as exc:  # noqa: BLE001 - the reader reconnects; say so to waiters
-                for channel in joining:
-                    future = self._confirmed.get(channel)
-                    if future is not None and not future.done():
-                        future.set_exception(exc)
-                        future.exception()  # retrieved; the waiter sees it through its await
-                return
+    def _send_requests(self) -> None:
+        """Send the requests of this tick (called once the tick's requests have joined in)."""
+        self._sending = False
+        leaving, self._unsubscribing = self._unsubscribing, set()
+        joining, self._subscribing = self._subscribing, set()
+        link = self._link
+        if link is None:
+            return  # no connection: its loss already failed every waiting subscriber
+        try:
+            if leaving:
+                link.command("UNSUBSCRIBE", *leaving)
+            if joining:
+                link.command("SUBSCRIBE", *joining)
+        except Exception as exc:  # noqa: BLE001 - the reader reconnects; say so to waiters
+            for channel in joining:
+                future = self._confirmed.get(channel.encode())
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved; the waiter sees it through its await
 
-    def _discard(self, channel: str, listener: Listener) -> bool:
+    def _discard(self, channel: bytes, listener: Listener) -> bool:
         """Forget `listener`; True when it was the channel's last."""
         listeners = self._listeners.get(channel)
         if listeners is None:
@@ -148,44 +233,41 @@ class EventHub:
     async def _run(self) -> None:
         delay = 0.1
         while True:
+            link = None
             try:
-                self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(self._own_channel)
+                link = await _Link.open(self._redis, name=self._own_channel)
+                link.on_reply = self._reply
+                self._link = link
+                link.command("SUBSCRIBE", self._own_channel)
                 self._connected = True
                 delay = 0.1
-                await self._read(self._pubsub)
+                await link.lost
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis went away: fail streams, reconnect
                 self._connected = False
                 log.warning("event hub lost Redis (%s); reconnecting", type(exc).__name__)
                 self._fail_all(exc)
-                if self._pubsub is not None:
-                    await asyncio.gather(
-                        self._pubsub.aclose(),  # type: ignore[no-untyped-call]
-                        return_exceptions=True,
-                    )
-                    self._pubsub = None
+                if link is not None:
+                    link.close()
+                self._link = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _read(self, pubsub: PubSub) -> None:
-        while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
-                continue
-            kind, channel = message["type"], message["channel"]
-            name = channel.decode() if isinstance(channel, bytes) else str(channel)
-            if kind == "message":
-                for listener in tuple(self._listeners.get(name, ())):
-                    try:
-                        listener.push(message["data"])
-                    except Exception:  # one stream's fault must not stop the others'
-                        log.exception("a stream could not take an event")
-            elif kind == "subscribe":
-                future = self._confirmed.get(name)
-                if future is not None and not future.done():
-                    future.set_result(None)
+    def _reply(self, reply: list[Any]) -> None:
+        """One reply of the subscribed connection: a message, or a (un)subscription's
+        confirmation."""
+        kind = reply[0]
+        if kind == b"message":
+            for listener in tuple(self._listeners.get(reply[1], ())):
+                try:
+                    listener.push(reply[2])
+                except Exception:  # one stream's fault must not stop the others'
+                    log.exception("a stream could not take an event")
+        elif kind == b"subscribe":
+            future = self._confirmed.get(reply[1])
+            if future is not None and not future.done():
+                future.set_result(None)
 
     def _fail_all(self, exc: Exception) -> None:
         for listeners in self._listeners.values():

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from app import keys
+from app.errors import Unavailable
 from app.events import Event, EventType, plain_delta
 from app.hub import SILENCE, EventHub, Item
 from app.publish import Ttls, append
@@ -93,6 +94,50 @@ async def test_one_connection_fans_out_to_every_listener(
         await asyncio.sleep(0.01)
     else:
         raise AssertionError("still subscribed after the last listener left")
+
+
+async def test_a_lost_connection_fails_its_streams_and_the_hub_comes_back(
+    redis: aioredis.Redis, hub: EventHub
+) -> None:
+    """Redis drops the hub's connection: every listener hears of it (its stream ends with an
+    error instead of waiting forever), and the hub reconnects for the streams that follow."""
+    channel = f"haia:test:{uuid.uuid4().hex}"
+    inbox = Inbox()
+    async with hub.subscribe(channel, inbox):
+        name = hub._own_channel
+        clients = await redis.client_list(_type="pubsub")
+        killed = [c["id"] for c in clients if c["name"] == name]
+        assert len(killed) == 1, clients  # the hub's connection, named after it
+        await redis.client_kill_filter(_id=killed[0])
+        assert isinstance(await asyncio.wait_for(inbox.queue.get(), 2), Exception)
+    again = Inbox()
+    for _ in range(100):
+        if hub.connected:
+            try:
+                async with hub.subscribe(channel, again):
+                    assert await redis.publish(channel, b"back") == 1
+                    assert await asyncio.wait_for(again.queue.get(), 2) == b"back"
+                break
+            except Unavailable:
+                pass  # the old connection's loss not seen yet
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the hub did not reconnect")
+
+
+async def test_replies_split_anywhere_are_read_whole(redis: aioredis.Redis, hub: EventHub) -> None:
+    """Messages of every size, many per read and split across reads, arrive whole and in
+    order (the reply parser keeps what a read left unfinished)."""
+    channel = f"haia:test:{uuid.uuid4().hex}"
+    inbox = Inbox()
+    sent = [(b"%d:" % i) + b"x" * (i * 97 % 70_000) for i in range(300)]
+    async with hub.subscribe(channel, inbox):
+        pipe = redis.pipeline(transaction=False)
+        for data in sent:
+            pipe.publish(channel, data)
+        await pipe.execute()
+        got = [await asyncio.wait_for(inbox.queue.get(), 5) for _ in sent]
+    assert got == sent
 
 
 async def _produce_with_pauses(pub: Emitter) -> None:
