@@ -256,46 +256,57 @@ class _Connection(asyncio.Protocol):
             self._payload(data)
         elif self._state == _COMPLETE:
             self._keep_alive = False  # bytes after the end: do not reuse this connection
-        else:
+        elif self._buffer:  # an unfinished piece of framing from an earlier read
             self._buffer += data
-            pos = 0
-            while self._state != _COMPLETE:
-                moved = self._chunk_step(pos)
-                if moved is None:
-                    break
-                pos = moved
+            pos = self._chunks(bytes(self._buffer))
             del self._buffer[:pos]
+        else:
+            pos = self._chunks(data)
+            if pos < len(data):
+                self._buffer += data[pos:]
 
-    def _chunk_step(self, pos: int) -> int | None:
-        """One step of the chunked framing from `pos`; the new position, or None when more
-        bytes are needed."""
-        buffer = self._buffer
-        if self._state == _DATA:
-            take = min(len(buffer) - pos, self._left)
-            if take == 0:
-                return None
-            self._payload(bytes(buffer[pos : pos + take]))
-            self._left -= take
-            if self._left == 0:
-                self._state = _DATA_END
-            return pos + take
-        if self._state == _DATA_END:
-            if len(buffer) - pos < 2:
-                return None
-            self._state = _SIZE
-            return pos + 2
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            return None
+    def _chunks(self, data: bytes) -> int:
+        """Read the chunked framing of `data` as far as it goes; how many bytes were used
+        (the rest waits for more). A server streaming an answer sends each event as a chunk
+        of its own, so one read is usually one whole chunk: parsed here in one pass, without
+        copying it into a buffer first."""
+        pos, end = 0, len(data)
+        while pos < end:
+            state = self._state
+            if state == _DATA:
+                take = min(end - pos, self._left)
+                self._payload(data[pos : pos + take])
+                self._left -= take
+                pos += take
+                if self._left == 0:
+                    self._state = _DATA_END
+            elif state == _DATA_END:
+                if end - pos < 2:
+                    break
+                self._state = _SIZE
+                pos += 2
+            elif state == _COMPLETE:
+                break
+            else:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos > MAX_HEAD:
+                        raise ProtocolError("the answer's chunked framing is broken")
+                    break
+                self._framing_line(data[pos:eol])
+                pos = eol + 2
+        return pos
+
+    def _framing_line(self, line: bytes) -> None:
+        """A chunk's size line, or a line of the trailers after the last chunk."""
         if self._state == _SIZE:
-            size = _chunk_size(bytes(buffer[pos:end]))
+            size = _chunk_size(line)
             if size == 0:
                 self._state = _TRAILER
             else:
                 self._left, self._state = size, _DATA
-        elif end == pos:  # the empty line after the trailers
+        elif not line:  # the empty line after the trailers
             self._body_end()
-        return end + 2
 
     def _payload(self, data: bytes) -> None:
         if self._decoder is not None:

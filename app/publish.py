@@ -216,7 +216,21 @@ async def append(
 
     Returns the last sequence number; raises `Fenced` when refused.
     """
-    terminal = "1" if events and events[-1].is_terminal else "0"
+    terminal = events[-1].is_terminal if events else False
+    bodies = [e.body() for e in events]
+    return await _append_bodies(redis, completion_id, token, ttls, bodies, terminal, counters)
+
+
+async def _append_bodies(
+    redis: Redis,
+    completion_id: str,
+    token: int | str,
+    ttls: Ttls,
+    bodies: list[str],
+    terminal: bool,
+    counters: Sequence[Counter],
+) -> int:
+    """`append`, of the events' bodies (`Event.body`)."""
     calls = script_calls(redis)
     result = int(
         await calls.call(
@@ -226,10 +240,10 @@ async def append(
                 token,
                 ttls.running,
                 ttls.final,
-                terminal,
+                "1" if terminal else "0",
                 completion_id,
                 json.dumps(counters),
-                *(e.body() for e in events),
+                *bodies,
             ],
         )
     )
@@ -268,7 +282,8 @@ class Publisher:
     token: int
     ttls: Ttls
     batcher: Batcher | None = None
-    pending: list[Event] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    """The bodies (`Event.body`) of the events not sent yet."""
     fenced: bool = False
     ending: _Ending | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -287,17 +302,19 @@ class Publisher:
         return entry
 
     def delta(self, text: str) -> None:
-        self.pending.append(Event(seq=0, type="delta", text=text))
+        # `Event(seq=0, type="delta", text=text).body()`, without building the event: this
+        # runs for every token.
+        self.pending.append('{"type": "delta", "text": ' + json.dumps(text) + "}")
         if self.batcher is not None:
             self.batcher.wake(self)
 
     def reasoning(self, text: str) -> None:
-        self.pending.append(Event(seq=0, type="delta", reasoning=text))
+        self.pending.append(Event(seq=0, type="delta", reasoning=text).body())
         if self.batcher is not None:
             self.batcher.wake(self)
 
     def tool(self, piece: dict[str, Any]) -> None:
-        self.pending.append(Event(seq=0, type="delta", tool=piece))
+        self.pending.append(Event(seq=0, type="delta", tool=piece).body())
         if self.batcher is not None:
             self.batcher.wake(self)
 
@@ -329,11 +346,14 @@ class Publisher:
         async with self._lock:
             if self.fenced:
                 raise Fenced(self.completion_id)
-            batch, self.pending = [*self.pending, *extra], []
+            batch, self.pending = [*self.pending, *(e.body() for e in extra)], []
             if not batch:
                 return
+            terminal = bool(extra) and extra[-1].is_terminal
             try:
-                await append(self.redis, self.completion_id, self.token, self.ttls, batch, counters)
+                await _append_bodies(
+                    self.redis, self.completion_id, self.token, self.ttls, batch, terminal, counters
+                )
             except Fenced:
                 self.fenced = True
                 raise
@@ -435,7 +455,7 @@ class Batcher:
                     *_keys(p.completion_id),
                     str(p.token),
                     p.ttls.running,
-                    [e.body() for e in (b if end is None else [*b, end.event])],
+                    b if end is None else [*b, end.event.body()],
                     p.completion_id,
                     entry,
                     0 if end is None else p.ttls.final,

@@ -16,6 +16,7 @@ translation of pydantic-ai's errors.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -143,8 +144,8 @@ def _event(endpoint: Endpoint, data: bytes, sink: Any, state: dict[str, Any]) ->
     if data == b"[DONE]":
         return True
     try:
-        event = json.loads(data)
-    except ValueError as exc:
+        event = _decode(data)
+    except (ValueError, StopIteration) as exc:  # StopIteration: the scanner found no value
         raise _unusable(endpoint) from exc
     if not isinstance(event, dict):
         raise _unusable(endpoint)
@@ -160,6 +161,20 @@ def _event(endpoint: Endpoint, data: bytes, sink: Any, state: dict[str, Any]) ->
         if choice.get("finish_reason"):
             state["finish_reason"] = choice["finish_reason"]
     return False
+
+
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _decode(data: bytes) -> Any:
+    """`json.loads(data)` for a stripped line, at half its cost: the C scanner called
+    directly, without `loads`' detection of the bytes' encoding and its layers of calls (a
+    few microseconds for every token)."""
+    text = data.decode()
+    value, end = _scan(text, 0)
+    if end != len(text):
+        return json.loads(text)  # something after the value: `loads` says what is wrong
+    return value
 
 
 def _deliver(delta: dict[str, Any], sink: Any) -> None:
