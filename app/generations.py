@@ -31,6 +31,7 @@ from app.config import Settings
 from app.content import stored_identity
 from app.counters import Counter, generation_counters
 from app.db import raw
+from app.db.group import together
 from app.db.models import ACTIVE, Conversation, Message, Response, Status
 from app.errors import HaiaError, Unavailable
 from app.events import Event, answering_model
@@ -229,8 +230,8 @@ async def take_fence(
     changes: dict[str, Any] = {"attempt": token}
     if status is not None:
         changes.update(status=status, started_at=datetime.now(UTC))
-    claimed = await raw.update(
-        Message, changes, id=message.id, attempt=message.attempt, status=only_if
+    claimed = await together(  # with the other fences of this moment: one commit
+        lambda: raw.update(Message, changes, id=message.id, attempt=message.attempt, status=only_if)
     )
     if not claimed:
         return None
@@ -319,7 +320,8 @@ async def store_ending(
     delay = 0.1
     while True:
         try:
-            return await _store(message, ending, token)
+            # With the other ends of this moment (and fences): one commit for all of them.
+            return await together(lambda: _store(message, ending, token))
         except (BaseORMException, OSError, ConnectionError) as exc:
             if time.monotonic() > deadline:
                 log.error(

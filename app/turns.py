@@ -24,6 +24,7 @@ from tortoise.transactions import in_transaction
 
 from app.content import identity, stored_parts, tool_calls_json
 from app.db import raw
+from app.db.group import together
 from app.db.models import Blob, ChatLink, Conversation, Message, Status, new_conversation_id
 from app.errors import InvalidRequest, NotFound
 from app.schemas import ChatMessage
@@ -202,10 +203,12 @@ async def start_turn(
     turn_length = new_turn_length(messages)
     history = messages[:-turn_length]
     history_hash = history_digest(history) if _has_dialogue(history) else None
-    conversation = await _find(
+    found = await _find(
         owner=owner, conversation_id=conversation_id, chat_id=chat_id, history_hash=history_hash
     )
-    async with in_transaction():
+
+    async def store() -> Turn:
+        conversation = found
         incoming = messages
         head: str | None = None  # what `conversation` holds (new: nothing)
         if conversation is None:
@@ -229,6 +232,9 @@ async def start_turn(
         )
         return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
 
+    # One transaction, shared with the turns stored at the same moment (one commit for all).
+    return await together(store, atomic=True)
+
 
 async def start_chain_turn(
     *,
@@ -248,7 +254,9 @@ async def start_chain_turn(
     response), or the turn must have a conversation of its `own` (it will be deleted with
     it), the conversation up to `after` is copied into a branch first.
     """
-    async with in_transaction():
+
+    async def store() -> Turn:
+        turn_messages = messages
         if after is None:
             conversation = await _new_conversation(owner=owner, title=title_from(messages))
         else:
@@ -259,11 +267,14 @@ async def start_chain_turn(
             if later or own:
                 conversation = await _fork(conversation, owner=owner, upto=after.id)
             await _touch(conversation)
-        if after is not None and messages and _restates(messages[0], after):
-            messages = messages[1:]
+        if after is not None and turn_messages and _restates(turn_messages[0], after):
+            turn_messages = turn_messages[1:]
         head = await head_digest(conversation) if after is not None else None  # new: empty
-        rows = await _message_rows(conversation, messages, offset=0, head=head)
+        rows = await _message_rows(conversation, turn_messages, offset=0, head=head)
         return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
+
+    # One transaction, shared with the turns stored at the same moment (one commit for all).
+    return await together(store, atomic=True)
 
 
 async def _touch(conversation: Conversation) -> None:

@@ -1,0 +1,113 @@
+"""Group commit (`app.db.group`) against real SQLite and PostgreSQL: the units of one moment
+share one transaction, a failing unit fails alone, a given-up unit never runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from tortoise import connections
+from tortoise.backends.base.executor import EXECUTOR_CACHE
+from tortoise.exceptions import IntegrityError
+
+from app.db import apply_migrations, close_database, open_database, raw
+from app.db.group import group, together
+from app.db.models import Conversation
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[str]:
+    EXECUTOR_CACHE.clear()  # Tortoise caches SQL per connection name across inits
+    await apply_migrations(database_url)
+    await open_database(database_url)
+    yield database_url
+    await close_database()
+    EXECUTOR_CACHE.clear()
+
+
+def _row(conversation_id: str) -> dict[str, object]:
+    return {"id": conversation_id, "owner": "group-test", "title": ""}
+
+
+async def _exists(conversation_id: str) -> bool:
+    return await Conversation.filter(id=conversation_id).exists()
+
+
+async def test_units_of_one_moment_share_one_transaction(database: str) -> None:
+    seen: list[object] = []
+
+    def unit(conversation_id: str) -> Callable[[], Awaitable[str]]:
+        async def insert() -> str:
+            seen.append(connections.get("default"))
+            await raw.insert(Conversation, [_row(conversation_id)])
+            return conversation_id
+
+        return insert
+
+    before = group().transactions
+    ids = [f"conv-group-{n}-{id(seen)}" for n in range(5)]
+    results = await asyncio.gather(*(together(unit(i)) for i in ids))
+    assert results == ids
+    assert group().transactions == before + 1
+    assert len({id(connection) for connection in seen}) == 1  # one transaction's connection
+    assert seen[0] is not connections.get("default")  # not the plain connection
+    assert all([await _exists(i) for i in ids])
+
+
+async def test_a_failing_unit_fails_alone_and_the_others_are_kept(database: str) -> None:
+    taken = f"conv-taken-{id(database)}"
+    await raw.insert(Conversation, [_row(taken)])
+    first, last = f"conv-first-{id(taken)}", f"conv-last-{id(taken)}"
+    runs: list[str] = []
+
+    def unit(conversation_id: str) -> Callable[[], Awaitable[None]]:
+        async def insert() -> None:
+            runs.append(conversation_id)
+            await raw.insert(Conversation, [_row(conversation_id)])
+
+        return insert
+
+    outcomes = await asyncio.gather(
+        together(unit(first)),
+        together(unit(taken)),  # a duplicate key
+        together(unit(last)),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], IntegrityError)
+    assert await _exists(first) and await _exists(last)
+    # Together first (rolled back at the duplicate), then each alone.
+    assert runs == [first, taken, first, taken, last]
+
+
+async def test_a_unit_given_up_before_it_ran_never_runs(database: str) -> None:
+    ran: list[str] = []
+
+    async def unit() -> None:
+        ran.append("ran")
+
+    waiter = asyncio.ensure_future(together(unit))
+    await asyncio.sleep(0)  # queued, not run yet (the group waits for the tick's others)
+    waiter.cancel()
+    await together(unit)  # the next one still runs
+    assert ran == ["ran"]
+    assert waiter.cancelled()
+
+
+async def test_an_atomic_unit_alone_is_all_or_nothing(database: str) -> None:
+    atomic_id, plain_id = f"conv-atomic-{id(database)}", f"conv-plain-{id(database)}"
+
+    def unit(conversation_id: str) -> Callable[[], Awaitable[None]]:
+        async def insert_then_fail() -> None:
+            await raw.insert(Conversation, [_row(conversation_id)])
+            raise RuntimeError("after the first statement")
+
+        return insert_then_fail
+
+    with pytest.raises(RuntimeError):
+        await together(unit(atomic_id), atomic=True)
+    assert not await _exists(atomic_id)  # rolled back
+    with pytest.raises(RuntimeError):
+        await together(unit(plain_id))
+    assert await _exists(plain_id)  # statement by statement, as without the group
