@@ -8,7 +8,7 @@ from typing import Any
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from app.events import Event
+from app.events import Event, plain_delta
 from app.responses_schema import ResponsesRequest
 from app.responses_wire import ResponseStream, encode, frame
 
@@ -137,3 +137,29 @@ def test_the_text_fast_path_sends_the_bytes_the_events_make() -> None:
     stream = ResponseStream(data)
     got = stream.opening() + b"".join(stream.encode(e) for e in generation)
     assert got == b"".join(frame(e) for e in encode(data, generation))
+
+
+SPLICED = ["tok ", 'a", "b', "\\", 'x\\", "y', "é😀\n\t", "\u2028", '{"seq": 1}', "\x00"]
+
+
+def test_a_spliced_text_delta_is_the_frame_decoding_makes() -> None:
+    """The relay hands the text still as the worker's JSON string (`plain_delta`); the frame
+    copies it and the response object gets the decoded text: the same bytes and the same
+    response as decoding the whole event first."""
+    spliced, decoded = ResponseStream(meta()), ResponseStream(meta())
+    opening = Event(seq=2, type="delta", text="open ")  # opens the message item
+    assert spliced.encode(opening) == decoded.encode(opening)
+    for seq, text in enumerate(SPLICED, start=3):
+        raw = Event(seq=seq, type="delta", text=text).to_json().encode()
+        found = plain_delta(raw)
+        assert found is not None
+        assert spliced.encode_text(*found) == decoded.encode(Event.from_json(raw))
+    ending = end()
+    assert spliced.encode(ending) == decoded.encode(ending)
+    assert spliced.encoder.response() == decoded.encoder.response()
+
+
+def test_a_splice_that_is_not_one_json_string_takes_the_slow_path() -> None:
+    stream = ResponseStream(meta())
+    stream.encode(Event(seq=2, type="delta", text="open "))
+    assert stream.encode_text(3, b'"a" "b"') is None
