@@ -88,6 +88,9 @@ class Turn:
     completion_id: str
     model: str
     created: int
+    stored: dict[str, Any] | None = None
+    """What the generation's job carries of the queued assistant row (`stored_row`), so that
+    its worker need not read it back; None for a turn that stores nothing."""
 
 
 async def head_digest(conversation: Conversation) -> str | None:
@@ -349,7 +352,7 @@ async def _store_turn(
             "created_at": created,
         }
     )
-    await raw.insert(Message, rows)
+    inserted = await raw.insert(Message, rows, returning=("id", "completion_id"))
     if on_created is not None:
         await on_created(conversation, created)
     return Turn(
@@ -357,7 +360,36 @@ async def _store_turn(
         completion_id=completion_id,
         model=model,
         created=int(created.timestamp()),
+        stored=stored_row(rows[-1], next(id_ for id_, cid in inserted if cid == completion_id)),
     )
+
+
+def stored_row(row: dict[str, Any], message_id: int) -> dict[str, Any]:
+    """The queued assistant `row` just inserted under `message_id`, as a job carries it (JSON)."""
+    return {
+        "id": message_id,
+        "conversation_id": row["conversation_id"],
+        "model": row["model"],
+        "request_id": row["request_id"],
+        "created_at": row["created_at"].isoformat(),
+    }
+
+
+def queued_message(completion_id: str, stored: dict[str, Any]) -> Message:
+    """The queued assistant row `stored_row` describes, as reading it back would give it: every
+    other column as a freshly stored queued row has it."""
+    fields = Message._meta.fields_map
+    values: dict[str, Any] = {}
+    for name, column in Message._meta.fields_db_projection.items():
+        if name in stored:
+            values[column] = stored[name]
+        else:
+            default = fields[name].default
+            values[column] = default() if callable(default) else default
+    values.update(
+        role="assistant", status=Status.QUEUED.value, completion_id=completion_id, attempt=0
+    )
+    return Message._init_from_db(**values)
 
 
 async def _fork(parent: Conversation, *, owner: str, upto: int) -> Conversation:

@@ -25,6 +25,7 @@ from app.inflight import Inflight
 from app.logs import request_id_var
 from app.publish import Fenced, Publisher
 from app.script_calls import script_calls
+from app.turns import queued_message
 from app.upstreams import Upstream, model_chain
 from workers.context import Context, load_context
 from workers.lease import Lease
@@ -49,12 +50,20 @@ async def generate(
     *,
     options: dict[str, Any] | None = None,
     request_id: str | None = None,
+    stored: dict[str, Any] | None = None,
 ) -> str:
-    """Generate the assistant turn stored under `completion_id`; return its final status."""
+    """Generate the assistant turn stored under `completion_id`; return its final status.
+
+    `stored`: the queued row as the web stored it (`app.turns.stored_row`). A first run starts
+    from it instead of reading the row back; whatever changed since (ended, cancelled, taken)
+    the fence's compare-and-set finds. A later run reads the row: an earlier one changed it.
+    """
     st = state(ctx)
     request_id_var.set(request_id or "-")
+    if int(ctx.get("job_try", 1)) > 1:
+        stored = None
     async with Starting(st.starting) as starting:
-        return await _generate_started(st, completion_id, options, starting)
+        return await _generate_started(st, completion_id, options, starting, stored)
 
 
 class Starting:
@@ -85,10 +94,14 @@ class Starting:
 
 
 async def _generate_started(
-    st: WorkerState, completion_id: str, options: dict[str, Any] | None, starting: Starting
+    st: WorkerState,
+    completion_id: str,
+    options: dict[str, Any] | None,
+    starting: Starting,
+    stored: dict[str, Any] | None,
 ) -> str:
-    # The row, and what Redis knows of it (ended? cancelled? text from an earlier run?), read
-    # at the same time: each is a round trip before the model request.
+    # The row (unless the job carries it), and what Redis knows of it (ended? cancelled? text
+    # from an earlier run?), read at the same time: each is a round trip before the request.
     calls = script_calls(st.redis)  # the reads of a burst of starts share one write
     reads = calls.call(
         calls.script(_WHAT_REDIS_KNOWS),
@@ -99,9 +112,14 @@ async def _generate_started(
         ],
         [],
     )
-    message, (fence, cancelled, logged) = await asyncio.gather(
-        raw.first(Message, completion_id=completion_id), reads
-    )
+    message: Message | None
+    if stored is not None:
+        message = queued_message(completion_id, stored)
+        fence, cancelled, logged = await reads
+    else:
+        message, (fence, cancelled, logged) = await asyncio.gather(
+            raw.first(Message, completion_id=completion_id), reads
+        )
     if message is None or message.status in FINISHED:
         return "skipped"
     if fence == b"end":

@@ -92,12 +92,15 @@ async def select(model: type[M], build: Callable[[Statement], str]) -> list[M]:
     return [model._init_from_db(**dict(row)) for row in rows]
 
 
-async def insert(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
+async def insert(
+    model: type[Model], rows: Sequence[Mapping[str, Any]], *, returning: Sequence[str] = ()
+) -> list[tuple[Any, ...]]:
     """`INSERT` every row in one statement, filled as the ORM fills an unsaved instance: a
     field not given takes its default, `auto_now` and `auto_now_add` fields the same `now`.
-    A generated primary key (an auto-increment id) is left to the database."""
+    A generated primary key (an auto-increment id) is left to the database. With
+    `returning`, those fields of every row inserted, as the database gives them."""
     if not rows:
-        return
+        return []
     db = _db()
     statement = Statement(db, model)
     now = timezone.now()
@@ -121,7 +124,14 @@ async def insert(model: type[Model], rows: Sequence[Mapping[str, Any]]) -> None:
         tuples.append(f"({', '.join(marks)})")
     columns = ", ".join(statement.column(name) for name in names)
     sql = f"INSERT INTO {table(model)} ({columns}) VALUES {', '.join(tuples)}"
-    await db.execute_query(sql, statement.values)
+    if not returning:
+        await db.execute_query(sql, statement.values)
+        return []
+    wanted = [model._meta.fields_db_projection[name] for name in returning]
+    sql += " RETURNING " + ", ".join(f'"{column}"' for column in wanted)
+    # `execute_query_dict`: PostgreSQL's `execute_query` runs an INSERT without its rows.
+    found = await db.execute_query_dict(sql, statement.values)
+    return [tuple(row[column] for column in wanted) for row in found]
 
 
 async def values(model: type[Model], build: Callable[[Statement], str]) -> list[tuple[Any, ...]]:

@@ -216,6 +216,7 @@ async def _enqueue(svc: Services, turn: Turn, function: str, **kwargs: Any) -> N
             if turn.conversation_id
             else None,
             request_id=request_id_var.get(),
+            **({"stored": turn.stored} if turn.stored is not None else {}),
             **kwargs,
         )
     except Exception as exc:
