@@ -43,6 +43,8 @@ class Statement:
     def field(self, name: str, value: Any) -> str:
         """`value` of field `name`, converted as the ORM converts it; its placeholder."""
         field = self.model._meta.fields_map[name]
+        if value is None and field.null:
+            return self.mark(None)  # what the ORM makes of it, without calling its validators
         return self.mark(field.to_db_value(value, None))  # type: ignore[arg-type] # as the ORM
 
     def column(self, name: str) -> str:
