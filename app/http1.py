@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 import urllib.request
 import zlib
@@ -392,12 +393,17 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
 
+_HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 def _chunk_size(line: bytes) -> int:
-    """The size of a chunk, from its size line (extensions after `;` ignored)."""
-    try:
-        return int(line.split(b";", 1)[0].strip(), 16)
-    except ValueError as exc:
-        raise ProtocolError("the answer's chunked framing is broken") from exc
+    """The size of a chunk, from its size line (extensions after `;` ignored): hex digits only
+    (`int` would also take a sign, `0x` or underscores, and a negative size would move the
+    parser backwards)."""
+    size = line.split(b";", 1)[0].strip()
+    if not _HEX_SIZE.fullmatch(size):
+        raise ProtocolError("the answer's chunked framing is broken")
+    return int(size, 16)
 
 
 class SSEClient:

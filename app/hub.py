@@ -68,7 +68,6 @@ class _Link(asyncio.Protocol):
         taken over. It is called `name` in `CLIENT LIST` unless the settings name it."""
         pool: Any = redis.connection_pool
         connection: Any = pool.make_connection()
-        connection.client_name = connection.client_name or name
         await connection.connect()
         writer, stream = connection._writer, connection._reader
         if writer is None or stream is None or stream._buffer:  # nothing may be left unread
@@ -79,6 +78,10 @@ class _Link(asyncio.Protocol):
         connection._writer = connection._reader = None
         link = cls(writer)
         writer.transport.set_protocol(link)
+        if not connection.client_name:
+            # Named in `CLIENT LIST`; sent here, where a refusal (an ACL without `CLIENT`) is
+            # only logged, not a failed connection.
+            link.command("CLIENT", "SETNAME", name)
         return link
 
     def command(self, *args: str) -> None:

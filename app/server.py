@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import logging
 import re
-import sys
 import uuid
 from types import SimpleNamespace
 
@@ -21,9 +20,7 @@ from sanic.response import json as json_response
 from sanic_ext import Extend
 from tortoise.exceptions import (
     DBConnectionError,
-    IntegrityError,
     OperationalError,
-    ValidationError,
 )
 
 from app import jobs, keys
@@ -33,6 +30,7 @@ from app.config import Settings
 from app.context import Services
 from app.cors import setup_cors
 from app.db import close_database, open_database
+from app.db.failures import asyncpg_errors, chain, refused_by_database
 from app.errors import HaiaError, InvalidRequest, Unauthorized, Unavailable, error_body
 from app.generations import MAX_TRIES, SWEEP_EVERY, Sweeper, reap_orphans
 from app.http1 import SSEClient
@@ -72,21 +70,9 @@ _STORE_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
-def _asyncpg_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
-    """asyncpg's "unreachable" and "refused a value" errors, once asyncpg is loaded. Only
-    PostgreSQL loads it, and only then can its errors occur: SQLite users do not pay its 2 MB
-    of memory in every web process."""
-    if "asyncpg.exceptions" not in sys.modules:
-        return (), ()
-    from asyncpg.exceptions import DataError, InterfaceError, PostgresConnectionError
-    from asyncpg.exceptions._base import DataError as ClientDataError
-
-    return (PostgresConnectionError, InterfaceError), (DataError, ClientDataError)
-
-
 def _store_down(exc: BaseException) -> bool:
     """The database or Redis is unreachable (as opposed to refusing a value)."""
-    return isinstance(exc, _STORE_DOWN + _asyncpg_errors()[0])
+    return isinstance(exc, _STORE_DOWN + asyncpg_errors()[0])
 
 
 def setup_resources(app: App, settings: Settings, redis_url: str) -> None:
@@ -215,25 +201,8 @@ def setup_errors(app: App) -> None:
     app.error_handler.add(Exception, render)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 10:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def refused_by_database(exc: BaseException) -> bool:
-    """True for an error the database raised over a value it will not take (a constraint,
-    a too-long or malformed value), as opposed to the database being unreachable."""
-    refusals: tuple[type[Exception], ...] = (IntegrityError, ValidationError)
-    refusals += _asyncpg_errors()[1]
-    return any(isinstance(error, refusals) for error in _chain(exc))
-
-
 def _cause_name(exc: BaseException) -> str:
-    return " <- ".join(type(error).__name__ for error in _chain(exc))
+    return " <- ".join(type(error).__name__ for error in chain(exc))
 
 
 def _error_headers(request: Request, exc: SanicException) -> dict[str, str]:

@@ -77,8 +77,78 @@ async def test_a_failing_unit_fails_alone_and_the_others_are_kept(database: str)
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], IntegrityError)
     assert await _exists(first) and await _exists(last)
-    # Together first (rolled back at the duplicate), then each alone.
-    assert runs == [first, taken, first, taken, last]
+    # Together first (rolled back at the duplicate); then the others together again.
+    assert runs == [first, taken, first, last]
+
+
+async def test_an_unreachable_database_fails_the_whole_group_at_once(database: str) -> None:
+    """Every unit would meet the same outage: they all fail with it, none runs again, and
+    nothing of the rolled-back group is kept."""
+    before, after = f"conv-before-{id(database)}", f"conv-after-{id(database)}"
+    runs: list[str] = []
+
+    async def insert(conversation_id: str) -> None:
+        runs.append(conversation_id)
+        await raw.insert(Conversation, [_row(conversation_id)])
+
+    async def lost() -> None:
+        runs.append("lost")
+        raise ConnectionError("the database went away")
+
+    outcomes = await asyncio.gather(
+        together(lambda: insert(before)),
+        together(lost),
+        together(lambda: insert(after)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes), outcomes
+    assert runs == [before, "lost"]
+    assert not await _exists(before) and not await _exists(after)
+
+
+async def test_another_database_error_runs_each_unit_again_alone(database: str) -> None:
+    """Neither a refused value nor an outage (here a statement the database cannot run; in
+    life a deadlock or a lock): each unit again in a transaction of its own."""
+    first, last = f"conv-1st-{id(database)}", f"conv-3rd-{id(database)}"
+    runs: list[str] = []
+
+    async def insert(conversation_id: str) -> None:
+        runs.append(conversation_id)
+        await raw.insert(Conversation, [_row(conversation_id)])
+
+    async def broken() -> None:
+        runs.append("broken")
+        await connections.get("default").execute_query("UPDATE no_such_table SET x = 1")
+
+    outcomes = await asyncio.gather(
+        together(lambda: insert(first)),
+        together(broken),
+        together(lambda: insert(last)),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], Exception)
+    assert runs == [first, "broken", first, "broken", last]
+    assert await _exists(first) and await _exists(last)
+
+
+async def test_a_unit_given_up_while_its_group_runs_is_not_run(database: str) -> None:
+    ran: list[str] = []
+
+    async def slow() -> None:
+        ran.append("slow")
+        await asyncio.sleep(0.1)  # holds the group (a test's stand-in for a long unit)
+
+    async def later() -> None:
+        ran.append("later")
+
+    first = asyncio.ensure_future(together(slow))
+    second = asyncio.ensure_future(together(later))
+    await asyncio.sleep(0.03)  # both in the group; `slow` runs
+    second.cancel()
+    await first
+    assert ran == ["slow"]
+    assert second.cancelled()
 
 
 async def test_a_unit_given_up_before_it_ran_never_runs(database: str) -> None:

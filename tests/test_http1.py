@@ -204,8 +204,10 @@ async def test_silence_raises_timeout(server: Server) -> None:
         await post(SSEClient(connect_timeout=5, read_timeout=0.3), server, Collect())
 
 
-async def test_broken_framing_raises_protocol_error(server: Server) -> None:
-    server.answers = [HEAD_CHUNKED + b"zz\r\ndata: x\r\n"]
+@pytest.mark.parametrize("size", [b"zz", b"-6", b"+5", b"0x10", b"1_0", b""])
+async def test_broken_framing_raises_protocol_error(server: Server, size: bytes) -> None:
+    """Only hex digits make a chunk size (`-6` once moved the parser backwards, forever)."""
+    server.answers = [HEAD_CHUNKED + size + b"\r\ndata: x\r\n"]
     with pytest.raises(ProtocolError):
         await post(SSEClient(connect_timeout=5, read_timeout=5), server, Collect())
 

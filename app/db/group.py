@@ -8,9 +8,12 @@ units of work handed to `together` in one event-loop tick, or while the previous
 being written, run one after the other inside one transaction.
 
 A unit is an async function of database statements only (no other waits: the transaction
-holds the database's write lock meanwhile). If one fails, the transaction is rolled back and
-every unit of the group runs again alone, in a transaction of its own, so only the failing
-one fails; units must therefore have no effect outside the database before they return. A
+holds the database's write lock meanwhile). If one fails, the transaction is rolled back:
+when the database refused one unit's value (or the unit's own code raised), that unit fails
+and the others run together again; when the database cannot be reached, every unit fails
+with that error at once (as each would have alone, and none runs twice if a commit's outcome
+is unknown); otherwise (a lock, a deadlock) each runs again alone, in a transaction of its
+own. Units must therefore have no effect outside the database before they return. A
 unit alone in its group runs in a transaction only if it is `atomic`. A caller that stops waiting
 before its unit ran takes the unit with it. A unit must not wait for `together` itself: its
 group would wait for it.
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tortoise.transactions import in_transaction
+
+from app.db.failures import from_database, refused_by_database, unreachable
 
 T = TypeVar("T")
 
@@ -80,25 +85,53 @@ class Group:
             self._waiting = []
 
     async def _together(self, group: list[_Work]) -> None:
-        results: list[Any] = []
+        results: list[tuple[_Work, Any]] = []
+        running: _Work | None = None
         try:
             async with in_transaction():
                 for work in group:
-                    results.append(await work.unit())
-        except Exception:  # noqa: BLE001 - rolled back: each again alone, so only its own fails
-            for work in group:
-                if not work.done.done():
-                    await _alone(work, transaction=True)
+                    if work.done.done():
+                        continue  # its caller gave up while the group ran: not run
+                    running = work
+                    results.append((work, await work.unit()))
+                running = None
+        except Exception as exc:  # noqa: BLE001 - rolled back; who fails depends on the error
+            await self._failed(group, running, exc)
             return
         self.transactions += 1
-        for work, result in zip(group, results, strict=True):
+        for work, result in results:
             if not work.done.done():
                 work.done.set_result(result)
+
+    async def _failed(self, group: list[_Work], running: _Work | None, exc: Exception) -> None:
+        """The group's transaction failed with `exc` (raised by `running`'s unit, or by the
+        transaction's begin or commit when None) and was rolled back."""
+        left = [work for work in group if not work.done.done()]
+        if unreachable(exc):
+            # The database is away (or went away at the commit, which may have happened):
+            # each unit would meet the same, and none may run twice.
+            for work in left:
+                work.done.set_exception(exc)
+            return
+        if running is not None and (refused_by_database(exc) or not from_database(exc)):
+            # The unit's own failure (a value refused, or its own code): it alone fails; the
+            # others run together again.
+            running.done.set_exception(exc)
+            rest = [work for work in left if work is not running]
+            if len(rest) == 1:
+                await _alone(rest[0], transaction=True)
+            elif rest:
+                await self._together(rest)
+            return
+        for work in left:  # a lock, a deadlock, a failed commit: each again alone
+            await _alone(work, transaction=True)
 
 
 async def _alone(work: _Work, *, transaction: bool) -> None:
     """Run one unit by itself, in a transaction of its own when it is `atomic` or its group's
     failed (a unit of several statements keeps the all-or-nothing it had in the group)."""
+    if work.done.done():
+        return  # its caller gave up meanwhile
     try:
         if transaction:
             async with in_transaction():
