@@ -321,7 +321,10 @@ async def store_ending(
     while True:
         try:
             # With the other ends of this moment (and fences): one commit for all of them.
-            return await together(lambda: _store(message, ending, token))
+            return await together(
+                lambda: _store(message, ending, token),
+                key=message.conversation_id,  # type: ignore[attr-defined]
+            )
         except (BaseORMException, OSError, ConnectionError) as exc:
             if time.monotonic() > deadline:
                 log.error(

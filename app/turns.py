@@ -236,7 +236,7 @@ async def start_turn(
         return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
 
     # One transaction, shared with the turns stored at the same moment (one commit for all).
-    return await together(store, atomic=True)
+    return await together(store, atomic=True, key=found.id if found is not None else "")
 
 
 async def start_chain_turn(
@@ -277,7 +277,8 @@ async def start_chain_turn(
         return await _store_turn(conversation, rows, completion_id, model, request_id, on_created)
 
     # One transaction, shared with the turns stored at the same moment (one commit for all).
-    return await together(store, atomic=True)
+    key = str(after.conversation_id) if after is not None else ""  # type: ignore[attr-defined]
+    return await together(store, atomic=True, key=key)
 
 
 async def _touch(conversation: Conversation) -> None:

@@ -181,3 +181,19 @@ async def test_an_atomic_unit_alone_is_all_or_nothing(database: str) -> None:
     with pytest.raises(RuntimeError):
         await together(unit(plain_id))
     assert await _exists(plain_id)  # statement by statement, as without the group
+
+
+async def test_a_group_runs_in_the_order_of_its_keys(database: str) -> None:
+    """Every process takes several conversations' rows in the same order (no deadlock between
+    two groups); units with the same key keep their arrival order."""
+    ran: list[str] = []
+
+    def unit(name: str) -> Callable[[], Awaitable[None]]:
+        async def record() -> None:
+            ran.append(name)
+
+        return record
+
+    arrivals = [("b1", "conv-b"), ("a1", "conv-a"), ("b2", "conv-b"), ("-", ""), ("a2", "conv-a")]
+    await asyncio.gather(*(together(unit(name), key=key) for name, key in arrivals))
+    assert ran == ["-", "a1", "a2", "b1", "b2"]

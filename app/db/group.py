@@ -42,6 +42,7 @@ class _Work:
     unit: Unit
     done: asyncio.Future[Any]
     atomic: bool
+    key: str
 
 
 class Group:
@@ -53,10 +54,12 @@ class Group:
         self.transactions = 0
         """Groups written in one transaction so far (for tests and benchmarks)."""
 
-    async def run(self, unit: Callable[[], Awaitable[T]], *, atomic: bool = False) -> T:
+    async def run(
+        self, unit: Callable[[], Awaitable[T]], *, atomic: bool = False, key: str = ""
+    ) -> T:
         """`unit()`'s result, `unit` having run with the units that arrived with it."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Work(unit, done, atomic))
+        self._waiting.append(_Work(unit, done, atomic, key))
         if self._writer is None:
             # A context of its own: the writer must not run units inside the transaction (or
             # with the request id) of whichever caller happened to start it.
@@ -75,6 +78,10 @@ class Group:
                 if len(group) == 1:
                     await _alone(group[0], transaction=group[0].atomic)
                 elif group:
+                    # In the order of their keys (arrival order within a key): every process
+                    # then takes the rows of several conversations in the same order, so two
+                    # groups cannot wait for each other's (a PostgreSQL deadlock, 1 s each).
+                    group.sort(key=lambda work: work.key)
                     await self._together(group)
         finally:
             self._writer = None
@@ -158,8 +165,9 @@ def group() -> Group:
     return found
 
 
-async def together(unit: Callable[[], Awaitable[T]], *, atomic: bool = False) -> T:
+async def together(unit: Callable[[], Awaitable[T]], *, atomic: bool = False, key: str = "") -> T:
     """Run `unit` in the same transaction as the other units of this moment (see the module).
+    `key`: the conversation whose rows `unit` updates (units run in the order of their keys).
     An `atomic` unit that finds itself alone runs in a transaction of its own; another runs
     statement by statement, as it would without this module."""
-    return await group().run(unit, atomic=atomic)
+    return await group().run(unit, atomic=atomic, key=key)
