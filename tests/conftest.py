@@ -86,6 +86,21 @@ async def database_url(
     await _drop_pg_database(name)
 
 
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[str]:
+    """Tortoise opened on `database_url` (each of SQLite and PostgreSQL), migrated."""
+    from tortoise.backends.base.executor import EXECUTOR_CACHE
+
+    from app.db import apply_migrations, close_database, open_database
+
+    EXECUTOR_CACHE.clear()  # Tortoise caches SQL per connection name across inits
+    await apply_migrations(database_url)
+    await open_database(database_url)
+    yield database_url
+    await close_database()
+    EXECUTOR_CACHE.clear()
+
+
 @pytest.fixture(scope="session")
 async def redis_db() -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(REDIS_URL)

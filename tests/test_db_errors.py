@@ -3,27 +3,15 @@ error handler tells them apart, with the errors real databases raise."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from tortoise import connections
 from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.exceptions import BaseORMException
 
-from app.db import apply_migrations, close_database, open_database
+from app.db import close_database, open_database
+from app.db.failures import refused_by_database
 from app.db.models import Conversation, Message
-from app.server import _STORE_DOWN, _store_down, refused_by_database
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[str]:
-    # Tortoise caches SQL per connection name across inits: SQLite's would reach PostgreSQL.
-    EXECUTOR_CACHE.clear()
-    await apply_migrations(database_url)
-    await open_database(database_url)
-    yield database_url
-    await close_database()
-    EXECUTOR_CACHE.clear()
+from app.server import _STORE_DOWN, _store_down
 
 
 async def _raised(work: object) -> BaseException:

@@ -4,26 +4,15 @@ share one transaction, a failing unit fails alone, a given-up unit never runs.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from tortoise import connections
-from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.exceptions import IntegrityError
 
-from app.db import apply_migrations, close_database, open_database, raw
+from app.db import raw
 from app.db.group import group, together
 from app.db.models import Conversation
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[str]:
-    EXECUTOR_CACHE.clear()  # Tortoise caches SQL per connection name across inits
-    await apply_migrations(database_url)
-    await open_database(database_url)
-    yield database_url
-    await close_database()
-    EXECUTOR_CACHE.clear()
 
 
 def _row(conversation_id: str) -> dict[str, object]:

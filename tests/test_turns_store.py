@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from tortoise import Tortoise
-from tortoise.backends.base.executor import EXECUTOR_CACHE
 
 from app.content import BLOB_SCHEME
-from app.db import apply_migrations, open_database
+from app.db import raw
 from app.db.models import Blob, Conversation, Message, Status
 from app.schemas import ChatMessage
-from app.turns import history_digest, start_turn
-
-
-@pytest.fixture
-async def database(database_url: str) -> AsyncIterator[None]:
-    EXECUTOR_CACHE.clear()  # Tortoise caches SQL per connection name across inits
-    await apply_migrations(database_url)
-    await open_database(database_url)
-    yield
-    await Tortoise.close_connections()
-    EXECUTOR_CACHE.clear()
-
+from app.turns import history_digest, new_completion_id, queued_message, start_turn
 
 _PNG = b"\x89PNG\r\n\x1a\n-not-really-an-image"
 _IMAGE = {
@@ -43,7 +30,7 @@ def _messages(*pairs: tuple[str, object]) -> list[ChatMessage]:
     ]
 
 
-async def test_a_new_turn_reads_back_as_the_orm_writes_it(database: None) -> None:
+async def test_a_new_turn_reads_back_as_the_orm_writes_it(database: str) -> None:
     owner = f"owner-{uuid.uuid4().hex[:8]}"
     before = datetime.now(UTC) - timedelta(seconds=1)
     turn = await start_turn(
@@ -93,7 +80,7 @@ async def test_a_new_turn_reads_back_as_the_orm_writes_it(database: None) -> Non
     assert all(before <= row.created_at for row in rows)
 
 
-async def test_a_resent_history_continues_the_stored_conversation(database: None) -> None:
+async def test_a_resent_history_continues_the_stored_conversation(database: str) -> None:
     owner = f"owner-{uuid.uuid4().hex[:8]}"
     first = await start_turn(
         owner=owner,
@@ -129,3 +116,32 @@ async def test_a_resent_history_continues_the_stored_conversation(database: None
     ]
     touched = await Conversation.get(id=first.conversation_id)
     assert touched.updated_at >= conversation.updated_at
+
+
+@pytest.mark.parametrize("history", [0, 3])
+async def test_the_row_a_job_carries_is_the_row_read_back(database: str, history: int) -> None:
+    messages = [ChatMessage(role="system", content="be brief")]
+    for n in range(history):
+        messages += [
+            ChatMessage(role="user", content=f"q{n}"),
+            ChatMessage(role="assistant", content=f"a{n}"),
+        ]
+    messages.append(ChatMessage(role="user", content="hello"))
+    completion_id = new_completion_id()
+    turn = await start_turn(
+        owner="stored-test",
+        completion_id=completion_id,
+        messages=messages,
+        conversation_id=None,
+        chat_id=None,
+        model="ollama:m",
+        request_id="req-1",
+    )
+    assert turn.stored is not None
+    carried = json.loads(json.dumps(turn.stored))  # as it crosses Redis in the job
+    read = await raw.first(Message, completion_id=completion_id)
+    assert read is not None
+    built = queued_message(completion_id, carried)
+    for name in Message._meta.fields_db_projection:
+        assert getattr(built, name) == getattr(read, name), name
+    assert built.pk == read.pk
