@@ -59,8 +59,7 @@ class Event:
     def body(self) -> str:
         """The JSON without `seq`, starting with `{`: what `app.publish` appends."""
         if self.type == "delta" and self.tool is None and not self.reasoning:
-            # the hot path: keep it small and cheap
-            return '{"type": "delta", "text": ' + json.dumps(self.text) + "}"
+            return text_delta_body(self.text)
         data: dict[str, Any] = {"type": self.type}
         if self.text:
             data["text"] = self.text
@@ -85,6 +84,13 @@ class Event:
 
 
 _FIELDS = frozenset(field.name for field in fields(Event))
+
+
+def text_delta_body(text: str) -> str:
+    """`Event(seq=0, type="delta", text=text).body()` without building the event (the hot
+    path: every token; `plain_delta` reads this shape back)."""
+    return '{"type": "delta", "text": ' + json.dumps(text) + "}"
+
 
 _SEQ = b'{"seq": '
 _PLAIN_DELTA = b', "type": "delta", "text": '

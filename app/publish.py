@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.counters import Counter
-from app.events import Event
+from app.events import Event, text_delta_body
 from app.script_calls import script_calls
 
 log = logging.getLogger(__name__)
@@ -302,9 +302,7 @@ class Publisher:
         return entry
 
     def delta(self, text: str) -> None:
-        # `Event(seq=0, type="delta", text=text).body()`, without building the event: this
-        # runs for every token.
-        self.pending.append('{"type": "delta", "text": ' + json.dumps(text) + "}")
+        self.pending.append(text_delta_body(text))
         if self.batcher is not None:
             self.batcher.wake(self)
 

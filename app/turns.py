@@ -378,19 +378,21 @@ def stored_row(row: dict[str, Any], message_id: int) -> dict[str, Any]:
 
 def queued_message(completion_id: str, stored: dict[str, Any]) -> Message:
     """The queued assistant row `stored_row` describes, as reading it back would give it: every
-    other column as a freshly stored queued row has it."""
-    fields = Message._meta.fields_map
-    values: dict[str, Any] = {}
-    for name, column in Message._meta.fields_db_projection.items():
-        if name in stored:
-            values[column] = stored[name]
-        else:
-            default = fields[name].default
-            values[column] = default() if callable(default) else default
-    values.update(
-        role="assistant", status=Status.QUEUED.value, completion_id=completion_id, attempt=0
+    other column as `raw.insert` filled it."""
+    row = {
+        **stored,
+        "role": "assistant",
+        "status": Status.QUEUED.value,
+        "completion_id": completion_id,
+        "attempt": 0,
+    }
+    now = timezone.now()  # for no field: the row carries its only date, `created_at`
+    return Message._init_from_db(
+        **{
+            column: raw.filled(Message, row, name, now)
+            for name, column in Message._meta.fields_db_projection.items()
+        }
     )
-    return Message._init_from_db(**values)
 
 
 async def _fork(parent: Conversation, *, owner: str, upto: int) -> Conversation:

@@ -19,6 +19,16 @@ def _row(conversation_id: str) -> dict[str, object]:
     return {"id": conversation_id, "owner": "group-test", "title": ""}
 
 
+def _inserting(runs: list[str], conversation_id: str) -> Callable[[], Awaitable[None]]:
+    """A unit that notes its run in `runs`, then inserts the conversation."""
+
+    async def insert() -> None:
+        runs.append(conversation_id)
+        await raw.insert(Conversation, [_row(conversation_id)])
+
+    return insert
+
+
 async def _exists(conversation_id: str) -> bool:
     return await Conversation.filter(id=conversation_id).exists()
 
@@ -49,18 +59,10 @@ async def test_a_failing_unit_fails_alone_and_the_others_are_kept(database: str)
     await raw.insert(Conversation, [_row(taken)])
     first, last = f"conv-first-{id(taken)}", f"conv-last-{id(taken)}"
     runs: list[str] = []
-
-    def unit(conversation_id: str) -> Callable[[], Awaitable[None]]:
-        async def insert() -> None:
-            runs.append(conversation_id)
-            await raw.insert(Conversation, [_row(conversation_id)])
-
-        return insert
-
     outcomes = await asyncio.gather(
-        together(unit(first)),
-        together(unit(taken)),  # a duplicate key
-        together(unit(last)),
+        together(_inserting(runs, first)),
+        together(_inserting(runs, taken)),  # a duplicate key
+        together(_inserting(runs, last)),
         return_exceptions=True,
     )
     assert outcomes[0] is None and outcomes[2] is None
@@ -76,18 +78,14 @@ async def test_an_unreachable_database_fails_the_whole_group_at_once(database: s
     before, after = f"conv-before-{id(database)}", f"conv-after-{id(database)}"
     runs: list[str] = []
 
-    async def insert(conversation_id: str) -> None:
-        runs.append(conversation_id)
-        await raw.insert(Conversation, [_row(conversation_id)])
-
     async def lost() -> None:
         runs.append("lost")
         raise ConnectionError("the database went away")
 
     outcomes = await asyncio.gather(
-        together(lambda: insert(before)),
+        together(_inserting(runs, before)),
         together(lost),
-        together(lambda: insert(after)),
+        together(_inserting(runs, after)),
         return_exceptions=True,
     )
     assert all(isinstance(outcome, ConnectionError) for outcome in outcomes), outcomes
@@ -101,18 +99,14 @@ async def test_another_database_error_runs_each_unit_again_alone(database: str) 
     first, last = f"conv-1st-{id(database)}", f"conv-3rd-{id(database)}"
     runs: list[str] = []
 
-    async def insert(conversation_id: str) -> None:
-        runs.append(conversation_id)
-        await raw.insert(Conversation, [_row(conversation_id)])
-
     async def broken() -> None:
         runs.append("broken")
         await connections.get("default").execute_query("UPDATE no_such_table SET x = 1")
 
     outcomes = await asyncio.gather(
-        together(lambda: insert(first)),
+        together(_inserting(runs, first)),
         together(broken),
-        together(lambda: insert(last)),
+        together(_inserting(runs, last)),
         return_exceptions=True,
     )
     assert outcomes[0] is None and outcomes[2] is None
@@ -123,20 +117,23 @@ async def test_another_database_error_runs_each_unit_again_alone(database: str) 
 
 async def test_a_unit_given_up_while_its_group_runs_is_not_run(database: str) -> None:
     ran: list[str] = []
+    running, go_on = asyncio.Event(), asyncio.Event()
 
-    async def slow() -> None:
-        ran.append("slow")
-        await asyncio.sleep(0.1)  # holds the group (a test's stand-in for a long unit)
+    async def long() -> None:
+        ran.append("long")
+        running.set()
+        await go_on.wait()  # holds the group until the test has given up on `later`
 
     async def later() -> None:
         ran.append("later")
 
-    first = asyncio.ensure_future(together(slow))
+    first = asyncio.ensure_future(together(long))
     second = asyncio.ensure_future(together(later))
-    await asyncio.sleep(0.03)  # both in the group; `slow` runs
+    await running.wait()  # both are in the group, and its first unit runs
     second.cancel()
+    go_on.set()
     await first
-    assert ran == ["slow"]
+    assert ran == ["long"]
     assert second.cancelled()
 
 

@@ -74,15 +74,7 @@ class Group:
             await asyncio.sleep(0)  # the rest of this tick's units join in
             while self._waiting:
                 group, self._waiting = self._waiting, []
-                group = [work for work in group if not work.done.done()]  # given up: dropped
-                if len(group) == 1:
-                    await _alone(group[0], transaction=group[0].atomic)
-                elif group:
-                    # In the order of their keys (arrival order within a key): every process
-                    # then takes the rows of several conversations in the same order, so two
-                    # groups cannot wait for each other's (a PostgreSQL deadlock, 1 s each).
-                    group.sort(key=lambda work: work.key)
-                    await self._together(group)
+                await self._run(group)
         finally:
             self._writer = None
             # Cancelled (the loop's end): nothing will run what is left.
@@ -90,6 +82,18 @@ class Group:
                 if not work.done.done():
                     work.done.cancel()
             self._waiting = []
+
+    async def _run(self, group: list[_Work]) -> None:
+        """Run the units of `group` whose callers still wait: one alone, several together."""
+        group = [work for work in group if not work.done.done()]  # given up: dropped
+        if len(group) == 1:
+            await _alone(group[0], transaction=group[0].atomic)
+        elif group:
+            # In the order of their keys (arrival order within a key): every process then
+            # takes the rows of several conversations in the same order, so two groups cannot
+            # wait for each other's (a PostgreSQL deadlock, 1 s each).
+            group.sort(key=lambda work: work.key)
+            await self._together(group)
 
     async def _together(self, group: list[_Work]) -> None:
         results: list[tuple[_Work, Any]] = []
@@ -124,11 +128,7 @@ class Group:
             # The unit's own failure (a value refused, or its own code): it alone fails; the
             # others run together again.
             running.done.set_exception(exc)
-            rest = [work for work in left if work is not running]
-            if len(rest) == 1:
-                await _alone(rest[0], transaction=True)
-            elif rest:
-                await self._together(rest)
+            await self._run(left)
             return
         for work in left:  # a lock, a deadlock, a failed commit: each again alone
             await _alone(work, transaction=True)

@@ -11,6 +11,7 @@ and writes, for a fifth of the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from tortoise import connections, timezone
@@ -94,6 +95,18 @@ async def select(model: type[M], build: Callable[[Statement], str]) -> list[M]:
     return [model._init_from_db(**dict(row)) for row in rows]
 
 
+def filled(model: type[Model], row: Mapping[str, Any], name: str, now: datetime) -> Any:
+    """Field `name` of `row` as the ORM fills an unsaved instance: the value given, else the
+    field's default; `now` for an `auto_now` or `auto_now_add` field."""
+    if name in row:
+        return row[name]
+    field = model._meta.fields_map[name]
+    if isinstance(field, DatetimeField) and (field.auto_now or field.auto_now_add):
+        return now
+    default = field.default
+    return default() if callable(default) else default
+
+
 async def insert(
     model: type[Model], rows: Sequence[Mapping[str, Any]], *, returning: Sequence[str] = ()
 ) -> list[tuple[Any, ...]]:
@@ -108,21 +121,9 @@ async def insert(
     now = timezone.now()
     generated = set(model._meta.generated_db_fields)
     names = [name for name in model._meta.fields_db_projection if name not in generated]
-    fields = model._meta.fields_map
     tuples = []
     for row in rows:
-        marks = []
-        for name in names:
-            if name in row:
-                value = row[name]
-            else:
-                field = fields[name]
-                if isinstance(field, DatetimeField) and (field.auto_now or field.auto_now_add):
-                    value = now
-                else:
-                    default = field.default
-                    value = default() if callable(default) else default
-            marks.append(statement.field(name, value))
+        marks = (statement.field(name, filled(model, row, name, now)) for name in names)
         tuples.append(f"({', '.join(marks)})")
     columns = ", ".join(statement.column(name) for name in names)
     sql = f"INSERT INTO {table(model)} ({columns}) VALUES {', '.join(tuples)}"
