@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -50,9 +51,23 @@ def _command(*args: str) -> bytes:
     return b"".join(parts)
 
 
+class _Sent:
+    """A command written on the link and the replies still owed to it: Redis answers a
+    subscribed connection's commands in order, SUBSCRIBE and UNSUBSCRIBE with one reply per
+    channel, anything else with one reply; an error reply answers the whole command."""
+
+    __slots__ = ("args", "owed")
+
+    def __init__(self, args: tuple[str, ...]) -> None:
+        self.args = args
+        subscription = args[0].upper() in ("SUBSCRIBE", "UNSUBSCRIBE")
+        self.owed = max(len(args) - 1, 1) if subscription else 1
+
+
 class _Link(asyncio.Protocol):
     """The hub's subscribed connection: commands written as they are asked for, replies parsed
-    as their bytes arrive and handed to `on_reply` there, one call per reply."""
+    as their bytes arrive and handed to `on_reply` there, one call per reply; an error reply
+    goes to `on_error` with the command it answers."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         # The stream writer stays referenced: when it is collected, it closes the transport.
@@ -60,6 +75,8 @@ class _Link(asyncio.Protocol):
         self._transport: asyncio.WriteTransport = writer.transport
         self._reader = hiredis.Reader()
         self.on_reply: Callable[[list[Any]], None] = lambda reply: None
+        self.on_error: Callable[[tuple[str, ...], Exception], None] = lambda args, exc: None
+        self._sent: deque[_Sent] = deque()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -88,6 +105,7 @@ class _Link(asyncio.Protocol):
         if self._transport.is_closing():
             raise ConnectionError("the pub/sub connection is closed")
         self._transport.write(_command(*args))
+        self._sent.append(_Sent(args))
 
     def close(self) -> None:
         self._writer.close()
@@ -107,9 +125,25 @@ class _Link(asyncio.Protocol):
             if reply is False:
                 return
             if isinstance(reply, list):
+                if reply[0] != b"message":
+                    self._answered(error=None)
                 self.on_reply(reply)
-            elif isinstance(reply, Exception):
-                log.warning("the pub/sub connection got an error reply: %s", reply)
+            else:  # a command's own reply (`OK`), or its error
+                self._answered(error=reply if isinstance(reply, Exception) else None)
+
+    def _answered(self, *, error: Exception | None) -> None:
+        """Count a reply to the oldest command still owed one; an error answers all of it."""
+        if not self._sent:
+            if error is not None:
+                log.warning("the pub/sub connection got an error reply: %s", error)
+            return
+        sent = self._sent[0]
+        sent.owed -= 1
+        if error is not None or sent.owed <= 0:
+            self._sent.popleft()
+        if error is not None:
+            log.warning("Redis refused %s on the pub/sub connection: %s", sent.args[0], error)
+            self.on_error(sent.args, error)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
@@ -240,6 +274,7 @@ class EventHub:
             try:
                 link = await _Link.open(self._redis, name=self._own_channel)
                 link.on_reply = self._reply
+                link.on_error = self._refused
                 self._link = link
                 link.command("SUBSCRIBE", self._own_channel)
                 self._connected = True
@@ -271,6 +306,17 @@ class EventHub:
             future = self._confirmed.get(reply[1])
             if future is not None and not future.done():
                 future.set_result(None)
+
+    def _refused(self, args: tuple[str, ...], error: Exception) -> None:
+        """Redis refused a command (an ACL that forbids a channel, say): a SUBSCRIBE's waiters
+        fail now instead of at their timeout."""
+        if args[0].upper() != "SUBSCRIBE":
+            return
+        for channel in args[1:]:
+            future = self._confirmed.get(channel.encode())
+            if future is not None and not future.done():
+                future.set_exception(ConnectionError(f"Redis refused the subscription: {error}"))
+                future.exception()  # retrieved; the waiter sees it through its await
 
     def _fail_all(self, exc: Exception) -> None:
         for listeners in self._listeners.values():

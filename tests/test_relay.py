@@ -125,6 +125,49 @@ async def test_a_lost_connection_fails_its_streams_and_the_hub_comes_back(
         raise AssertionError("the hub did not reconnect")
 
 
+async def test_a_refused_subscription_fails_at_once_and_the_others_go_on(
+    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refuses a SUBSCRIBE (an ACL that allows only some channels): its waiter fails with
+    Redis's reason instead of waiting for the subscribe timeout, and the connection, whose
+    replies are still counted right, goes on serving the channels it may use. The same user
+    may not name its connection (`CLIENT SETNAME`): that refusal is only logged."""
+    user = f"haia-test-{uuid.uuid4().hex[:8]}"
+    await redis.acl_setuser(
+        user,
+        enabled=True,
+        nopass=True,
+        reset_channels=True,
+        channels=["haia:ok:*"],
+        keys=["*"],
+        categories=["+@all"],
+        commands=["-client"],
+    )
+    limited = aioredis.Redis.from_url(REDIS_URL, username=user, password="x")
+    limited_hub = EventHub(limited)
+    await limited_hub.start()
+    try:
+        for _ in range(100):
+            if limited_hub.connected:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(Unavailable) as refused:
+            async with limited_hub.subscribe(f"haia:no:{uuid.uuid4().hex}", Inbox()):
+                pass
+        assert isinstance(refused.value.__cause__, ConnectionError)  # not the timeout's
+        assert "NOPERM" in str(refused.value.__cause__)
+        channel = f"haia:ok:{uuid.uuid4().hex}"
+        inbox = Inbox()
+        async with limited_hub.subscribe(channel, inbox):
+            assert await redis.publish(channel, b"allowed") == 1
+            assert await asyncio.wait_for(inbox.queue.get(), 2) == b"allowed"
+        assert "Redis refused CLIENT on the pub/sub connection" in caplog.text
+    finally:
+        await limited_hub.stop()
+        await limited.aclose()
+        await redis.acl_deluser(user)
+
+
 async def test_replies_split_anywhere_are_read_whole(redis: aioredis.Redis, hub: EventHub) -> None:
     """Messages of every size, many per read and split across reads, arrive whole and in
     order (the reply parser keeps what a read left unfinished)."""
