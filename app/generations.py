@@ -25,6 +25,7 @@ from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 from tortoise.exceptions import BaseORMException
+from tortoise.queryset import QuerySet, QuerySetSingle
 
 from app import keys
 from app.config import Settings
@@ -342,6 +343,19 @@ async def store_ending(
             delay = min(delay * 2, 5.0)
 
 
+def last_digested_before(message: Message) -> QuerySetSingle[Message | None]:
+    """The last message before `message` in its conversation that has a digest."""
+    return (
+        Message.filter(
+            conversation_id=message.conversation_id,  # type: ignore[attr-defined]
+            id__lt=message.id,
+            prefix_hash__isnull=False,
+        )
+        .order_by("-id")
+        .first()
+    )
+
+
 async def _store(message: Message, ending: Ending, token: int | None) -> bool:
     finished_at = ending.ended_at()
     prefix_hash = None
@@ -352,15 +366,7 @@ async def _store(message: Message, ending: Ending, token: int | None) -> bool:
             stored_identity(ending.text, tool_calls=ending.tool_calls),
         )
     elif ending.text or ending.tool_calls:
-        previous = (
-            await Message.filter(
-                conversation_id=message.conversation_id,  # type: ignore[attr-defined]
-                id__lt=message.id,
-                prefix_hash__isnull=False,
-            )
-            .order_by("-id")
-            .first()
-        )
+        previous = await last_digested_before(message)
         prefix_hash = digest(
             previous.prefix_hash if previous else None,
             "assistant",
@@ -520,6 +526,16 @@ async def reap_orphans(redis: Redis, settings: Settings, *, max_tries: int) -> l
     return handled
 
 
+def stuck_candidates(created_before: datetime, *, limit: int) -> QuerySet[Message]:
+    """The oldest rows still queued or in progress that were created before `created_before`
+    (found through the index on status: they are few among all the ended ones)."""
+    return (
+        Message.filter(status__in=list(ACTIVE), created_at__lt=created_before)
+        .order_by("id")
+        .limit(limit)
+    )
+
+
 class Sweeper:
     """Finds stored generations left `queued`/`in_progress` with no live job, and ends them.
 
@@ -537,11 +553,7 @@ class Sweeper:
 
     async def sweep(self, *, limit: int = 200) -> list[str]:
         grace = timedelta(seconds=max(self._settings.worker_dead_after * 2, 10))
-        rows = (
-            await Message.filter(status__in=list(ACTIVE), created_at__lt=datetime.now(UTC) - grace)
-            .order_by("id")
-            .limit(limit)
-        )
+        rows = await stuck_candidates(datetime.now(UTC) - grace, limit=limit)
         stuck: set[str] = set()
         ended = []
         for row in rows:

@@ -95,15 +95,17 @@ class Turn:
 
 async def head_digest(conversation: Conversation) -> str | None:
     """The digest of everything stored in `conversation` so far."""
-    rows = await raw.values(
-        Message,
-        lambda s: (
-            f"SELECT {s.column('prefix_hash')} FROM {raw.table(Message)} "
-            f"WHERE {s.where({'conversation_id': conversation.id})} "
-            f"AND {s.column('prefix_hash')} IS NOT NULL ORDER BY {s.column('id')} DESC LIMIT 1"
-        ),
-    )
+    rows = await raw.values(Message, lambda s: head_sql(s, str(conversation.id)))
     return str(rows[0][0]) if rows else None
+
+
+def head_sql(s: raw.Statement, conversation_id: str) -> str:
+    """The query of `head_digest`: the conversation's last message that has a digest."""
+    return (
+        f"SELECT {s.column('prefix_hash')} FROM {raw.table(Message)} "
+        f"WHERE {s.where({'conversation_id': conversation_id})} "
+        f"AND {s.column('prefix_hash')} IS NOT NULL ORDER BY {s.column('id')} DESC LIMIT 1"
+    )
 
 
 async def _new_conversation(*, owner: str, title: str) -> Conversation:

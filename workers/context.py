@@ -143,6 +143,11 @@ def _window_sql(s: raw.Statement, assistant: Message, limit: int) -> str:
     return f"SELECT * FROM ({window}) AS w UNION ALL SELECT * FROM ({system}) AS s"
 
 
+def _whole_sql(s: raw.Statement, assistant: Message) -> str:
+    """Every message before `assistant` that the model should see, in order."""
+    return f"SELECT {_columns(s)} FROM {raw.table(Message)} WHERE {_seen(s, assistant)} ORDER BY id"
+
+
 def _columns(s: raw.Statement) -> str:
     return ", ".join(s.column(name) for name in _COLUMNS)
 
@@ -150,10 +155,7 @@ def _columns(s: raw.Statement) -> str:
 async def _whole(assistant: Message, responses: dict[str, Any]) -> Context:
     """A Responses API turn: the whole chain in order (`truncation: disabled`), with the
     request's instructions and never HAIA's homelab prompt."""
-    table = raw.table(Message)
-    rows = await _rows(
-        lambda s: f"SELECT {_columns(s)} FROM {table} WHERE {_seen(s, assistant)} ORDER BY id"
-    )
+    rows = await _rows(lambda s: _whole_sql(s, assistant))
     if not rows:
         raise LookupError(f"no input precedes {assistant.completion_id}")
     return Context(

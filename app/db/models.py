@@ -6,6 +6,7 @@ import uuid
 from enum import StrEnum
 
 from tortoise import fields
+from tortoise.indexes import Index
 from tortoise.models import Model
 
 
@@ -49,6 +50,9 @@ class Conversation(Model):
 
     class Meta:
         table = "haia_conversation"
+        # Declared as indexes, not `db_index` on the foreign keys: changing a field makes
+        # Tortoise rebuild an SQLite table, and dropping the old one cascades to its children.
+        indexes = (Index(fields=("parent_id",)),)  # a deleted conversation's branches
 
 
 class ChatLink(Model):
@@ -63,6 +67,7 @@ class ChatLink(Model):
 
     class Meta:
         table = "haia_chat_link"
+        indexes = (Index(fields=("conversation_id",)),)  # a deleted conversation's links
         unique_together = (("owner", "external_id"),)
 
 
@@ -83,11 +88,13 @@ class Message(Model):
     completion_tokens = fields.IntField(null=True)
     error: dict[str, object] | None = fields.JSONField(null=True)
     request_id = fields.CharField(max_length=128, null=True)
-    attempt = fields.IntField(default=0)
+    # A default in the database too: the rows stored before the column existed take it when
+    # migration 0002 adds it (and `reasoning` when 0003 does).
+    attempt = fields.IntField(default=0, db_default=0)
     """Fencing token: bumped by every run a worker starts; only the current run may end it."""
     parts: list[dict[str, object]] | None = fields.JSONField(null=True)
     """Array content (text and images) as the client sent it, images by `Blob` reference."""
-    reasoning = fields.TextField(default="")
+    reasoning = fields.TextField(default="", db_default="")
     """The model's thinking, kept apart from `content` and never sent back as content."""
     reasoning_parts: list[dict[str, object]] | None = fields.JSONField(null=True)
     """Thinking blocks with their provider signatures, sent back as Anthropic requires."""
@@ -105,6 +112,14 @@ class Message(Model):
     class Meta:
         table = "haia_message"
         ordering = ("id",)
+        indexes = (
+            # A conversation's messages, newest first: every turn's context window and head,
+            # the end's previous digest, forks, and the cascade of a deleted conversation.
+            # Without it each of those walked the whole table back from the turn's id.
+            Index(fields=("conversation_id", "id")),
+            # The sweep's rows still queued or in progress (few, among all the ended ones).
+            Index(fields=("status", "id")),
+        )
 
 
 class Blob(Model):
@@ -138,3 +153,4 @@ class Response(Model):
 
     class Meta:
         table = "haia_response"
+        indexes = (Index(fields=("conversation_id",)),)  # a deleted conversation's responses

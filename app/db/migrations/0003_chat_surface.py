@@ -29,7 +29,7 @@ class Migration(migrations.Migration):
         ops.AddField(
             model_name='Message',
             name='reasoning',
-            field=fields.TextField(default='', unique=False),
+            field=fields.TextField(default='', db_default='', unique=False),
         ),
         ops.AddField(
             model_name='Message',

@@ -1,0 +1,89 @@
+"""The statements of every turn, and the sweep, find their rows through an index, on SQLite and
+PostgreSQL alike: none walks the message table, which holds every message ever stored.
+
+Before the indexes of migration 0005, a new conversation's context read walked the whole table
+back from the turn's id (`ORDER BY id DESC LIMIT 21` found its one message at once, then looked
+for twenty more to the start of the table), and the sweep read every row every few seconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from tortoise import connections
+from tortoise.transactions import in_transaction
+
+from app.db import raw
+from app.db.models import Conversation, Message, Status
+from app.generations import last_digested_before, stuck_candidates
+from app.turns import head_sql
+from workers.context import _whole_sql, _window_sql
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+async def _plan(sql: str, values: list[object] | None = None) -> str:
+    """The database's plan for `sql`, as text. PostgreSQL is told not to scan tables (on a
+    table this small a scan is cheapest, which says nothing about a large one)."""
+    db = connections.get("default")
+    if db.capabilities.dialect == "postgres":
+        async with in_transaction() as conn:
+            await conn.execute_script("SET LOCAL enable_seqscan = off")
+            _, rows = await conn.execute_query(f"EXPLAIN {sql}", values or [])
+            return "\n".join(str(row[0]) for row in rows)
+    _, rows = await db.execute_query(f"EXPLAIN QUERY PLAN {sql}", values or [])
+    return "\n".join(str(row[3]) for row in rows)
+
+
+def _uses_conversation_index(plan: str) -> bool:
+    if "QUERY PLAN" in plan or "SEARCH" in plan or "SCAN" in plan:  # SQLite
+        return "(conversation_id=?" in plan and "SCAN haia_message" not in plan
+    return any("Index Cond" in line and "conversation_id" in line for line in plan.splitlines())
+
+
+async def _assistant() -> Message:
+    conversation = await Conversation.create(owner="o")
+    await Message.create(conversation=conversation, role="user", content="hi", prefix_hash="a")
+    return await Message.create(
+        conversation=conversation,
+        role="assistant",
+        status=Status.QUEUED,
+        completion_id=f"c-{uuid.uuid4().hex}",
+    )
+
+
+async def test_a_turns_context_window_is_read_through_the_conversation_index() -> None:
+    assistant = await _assistant()
+    statement = raw.Statement(connections.get("default"), Message)
+    sql = _window_sql(statement, assistant, 20)
+    plan = await _plan(sql, statement.values)
+    # Both halves (the window and the latest system message) use it.
+    assert plan.count("conversation_id") >= 2, plan
+    assert _uses_conversation_index(plan), plan
+
+
+async def test_a_responses_turns_whole_chain_is_read_through_the_conversation_index() -> None:
+    assistant = await _assistant()
+    statement = raw.Statement(connections.get("default"), Message)
+    sql = _whole_sql(statement, assistant)
+    assert _uses_conversation_index(await _plan(sql, statement.values))
+
+
+async def test_a_conversations_head_and_an_endings_digest_use_the_conversation_index() -> None:
+    assistant = await _assistant()
+    statement = raw.Statement(connections.get("default"), Message)
+    sql = head_sql(statement, str(assistant.conversation_id))  # type: ignore[attr-defined]
+    assert _uses_conversation_index(await _plan(sql, statement.values))
+    earlier = last_digested_before(assistant).sql(params_inline=True)
+    assert _uses_conversation_index(await _plan(earlier))
+
+
+async def test_the_sweep_reads_only_the_rows_still_active() -> None:
+    await _assistant()
+    plan = await _plan(stuck_candidates(datetime.now(UTC), limit=200).sql(params_inline=True))
+    if "SEARCH" in plan or "SCAN" in plan:  # SQLite
+        assert "(status=?)" in plan and "SCAN haia_message" not in plan, plan
+    else:
+        assert any("Index Cond" in line and "status" in line for line in plan.splitlines()), plan
