@@ -9,7 +9,11 @@ the result; the web, worker and upstream logs stay in the temporary directory it
 
     uv run python bench/load.py [--levels 1,10,100,500,1000] [--tokens 40] [--rate 20] [--workers 1]
                                 [--database-url postgres://…] [--redis-url redis://…/14]
-                                [--api chat,responses] [--history 20]
+                                [--api chat,responses] [--history 20] [--stored 100000]
+
+`--stored N` first fills the database with N messages (conversations of ten, a few hundred
+bytes each), as a HAIA that has served a homelab for a while holds: what every turn reads must
+not grow with it.
 
 `--history N` makes every request resend N earlier messages of about 1 KB each, as OpenWebUI
 resends the conversation with each turn (each stream is still a new conversation, so HAIA
@@ -695,6 +699,44 @@ def run_direct(bench: Bench, port: int, levels: list[int], found: dict[int, Leve
         found[n] = bench.level(target, n)
 
 
+async def fill_database(database_url: str, count: int) -> float:
+    """Migrate the database and store `count` messages in conversations of ten; seconds taken."""
+    from tortoise import timezone
+
+    from app.db import apply_migrations, close_database, open_database, raw
+    from app.db.models import Conversation, Message
+
+    started = time.perf_counter()
+    await apply_migrations(database_url)
+    await open_database(database_url)
+    try:
+        text = "A message stored long ago, about the length of a short chat turn. " * 4
+        for first in range(0, count, 500):
+            now = timezone.now()
+            batch = range(first, min(first + 500, count))
+            conversations = {f"stored-{n // 10}" for n in batch}
+            await raw.insert(
+                Conversation,
+                [{"id": c, "owner": "stored", "created_at": now} for c in sorted(conversations)],
+            )
+            await raw.insert(
+                Message,
+                [
+                    {
+                        "conversation_id": f"stored-{n // 10}",
+                        "role": "user" if n % 2 == 0 else "assistant",
+                        "content": text,
+                        "completion_id": None if n % 2 == 0 else f"stored-{n}",
+                        "created_at": now,
+                    }
+                    for n in batch
+                ],
+            )
+    finally:
+        await close_database()
+    return time.perf_counter() - started
+
+
 def run_haia(
     bench: Bench, stack: Stack, levels: list[int], found: dict[str, dict[int, Level]]
 ) -> None:
@@ -762,6 +804,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="earlier messages (about 1 KB each) every request resends, as OpenWebUI does",
     )
     parser.add_argument(
+        "--stored",
+        type=int,
+        default=0,
+        help="messages stored in the database before HAIA starts (a homelab's past chats)",
+    )
+    parser.add_argument(
         "--api",
         default="chat",
         help="through HAIA: chat, responses, or both (chat,responses), each level on each",
@@ -796,7 +844,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
         f"database {database_url.split(':')[0]}; {args.tokens} tokens at {args.rate:g} tokens/s "
         f"per stream; HAIA_WORKER_MAX_JOBS={args.max_jobs}; workers {args.workers}; "
-        f"open files {nofile}; "
+        f"open files {nofile}; stored messages {args.stored}; "
         f"through HAIA: {args.api}; logs in {work}",
         flush=True,
     )
@@ -816,6 +864,9 @@ def main() -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             bench = Bench(args, runner, {"upstream": fake.process.pid})
             run_direct(bench, upstream_port, levels, direct)
+            if args.stored and not args.direct_only:
+                took = runner.run(fill_database(database_url, args.stored))
+                print(f"stored {args.stored} messages in {took:.1f} s", flush=True)
             if not args.direct_only:
                 run_haia(bench, stack, levels, haia)
     finally:
