@@ -18,6 +18,7 @@ from tortoise.transactions import in_transaction
 from app.db import raw
 from app.db.models import Conversation, Message, Status
 from app.generations import last_digested_before, stuck_candidates
+from app.routes.conversations import conversation_page
 from app.turns import head_sql
 from workers.context import _whole_sql, _window_sql
 
@@ -87,3 +88,18 @@ async def test_the_sweep_reads_only_the_rows_still_active() -> None:
         assert "(status=?)" in plan and "SCAN haia_message" not in plan, plan
     else:
         assert any("Index Cond" in line and "status" in line for line in plan.splitlines()), plan
+
+
+async def test_a_page_of_conversations_is_read_in_order_from_the_owners_index() -> None:
+    """The page is read from the index in its order (no sort of all the owner's
+    conversations), and its message counts through the conversation index."""
+    assistant = await _assistant()
+    conversation = await Conversation.get(id=assistant.conversation_id)  # type: ignore[attr-defined]
+    for after in (None, conversation):
+        plan = await _plan(conversation_page("o", after, 21).sql(params_inline=True))
+        if "SEARCH" in plan or "SCAN" in plan:  # SQLite
+            assert "(owner=?" in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            assert "Sort" not in plan and any(
+                "Index Cond" in line and "owner" in line for line in plan.splitlines()
+            ), plan

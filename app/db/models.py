@@ -52,7 +52,10 @@ class Conversation(Model):
         table = "haia_conversation"
         # Declared as indexes, not `db_index` on the foreign keys: changing a field makes
         # Tortoise rebuild an SQLite table, and dropping the old one cascades to its children.
-        indexes = (Index(fields=("parent_id",)),)  # a deleted conversation's branches
+        indexes = (
+            Index(fields=("parent_id",)),  # a deleted conversation's branches
+            Index(fields=("owner", "updated_at", "id")),  # a page of the owner's, newest first
+        )
 
 
 class ChatLink(Model):

@@ -7,6 +7,7 @@ from sanic.response import json as json_response
 from sanic_ext import openapi
 from tortoise.expressions import Q
 from tortoise.functions import Count
+from tortoise.queryset import QuerySet
 
 from app import keys
 from app.content import data_urls, with_data_urls
@@ -48,6 +49,30 @@ async def _conversation(request: Request, conversation_id: str) -> Conversation:
     return found
 
 
+def conversation_page(owner: str, after: Conversation | None, size: int) -> QuerySet[Conversation]:
+    """`size` of `owner`'s conversations, most recently updated first, from after `after`."""
+    query = Conversation.filter(owner=owner)
+    if after is not None:
+        query = query.filter(
+            Q(updated_at__lt=after.updated_at)
+            | (Q(updated_at=after.updated_at) & Q(id__lt=after.id))
+        )
+    return query.order_by("-updated_at", "-id").limit(size)
+
+
+async def _message_counts(conversation_ids: list[str]) -> dict[str, int]:
+    """How many messages each of `conversation_ids` holds (through the conversation index)."""
+    if not conversation_ids:
+        return {}
+    found = (
+        await Message.filter(conversation_id__in=conversation_ids)
+        .group_by("conversation_id")
+        .annotate(count=Count("id"))
+        .values_list("conversation_id", "count")
+    )
+    return {str(conversation_id): int(count) for conversation_id, count in found}
+
+
 def _summary(conversation: Conversation, count: int) -> ConversationSummary:
     return ConversationSummary(
         id=conversation.id,
@@ -67,20 +92,14 @@ def _summary(conversation: Conversation, count: int) -> ConversationSummary:
 @errors(400, 404)
 async def list_conversations(request: Request) -> HTTPResponse:
     limit = _limit(request)
-    query = Conversation.filter(owner=request.ctx.owner)
     after = request.args.get("after")
-    if after:
-        cursor = await _conversation(request, after)
-        query = query.filter(
-            Q(updated_at__lt=cursor.updated_at)
-            | (Q(updated_at=cursor.updated_at) & Q(id__lt=cursor.id))
-        )
-    rows = (
-        await query.annotate(message_count=Count("messages"))
-        .order_by("-updated_at", "-id")
-        .limit(limit + 1)
-    )
-    page = [_summary(row, row.message_count) for row in rows[:limit]]  # type: ignore[attr-defined]
+    cursor = await _conversation(request, after) if after else None
+    # The page first (through the owner's index, in order), then the messages of its
+    # conversations only: counting in the same query joined every message of every
+    # conversation the owner has, for each page (100 ms at 100,000 messages, on the loop).
+    rows = await conversation_page(request.ctx.owner, cursor, limit + 1)
+    counts = await _message_counts([row.id for row in rows[:limit]])
+    page = [_summary(row, counts.get(row.id, 0)) for row in rows[:limit]]
     body = ConversationPage(
         data=page,
         first_id=page[0].id if page else None,

@@ -17,6 +17,10 @@ class Migration(migrations.Migration):
             index=Index(fields=['parent_id']),
         ),
         ops.AddIndex(
+            model_name='Conversation',
+            index=Index(fields=['owner', 'updated_at', 'id']),
+        ),
+        ops.AddIndex(
             model_name='Message',
             index=Index(fields=['conversation_id', 'id']),
         ),
