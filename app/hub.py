@@ -51,30 +51,35 @@ def _command(*args: str) -> bytes:
     return b"".join(parts)
 
 
+Confirmations = dict[bytes, asyncio.Future[None]]
+
+
 class _Sent:
-    """A command written on the link and the replies still owed to it: Redis answers a
-    subscribed connection's commands in order, SUBSCRIBE and UNSUBSCRIBE with one reply per
-    channel, anything else with one reply; an error reply answers the whole command."""
+    """A command written on the link, the replies still owed to it, and the futures its
+    subscriptions' confirmations settle. Redis answers a subscribed connection's commands in
+    order: SUBSCRIBE and UNSUBSCRIBE with one reply per channel, anything else with one reply;
+    an error reply answers the whole command."""
 
-    __slots__ = ("args", "owed")
+    __slots__ = ("args", "confirms", "owed")
 
-    def __init__(self, args: tuple[str, ...]) -> None:
+    def __init__(self, args: tuple[str, ...], confirms: Confirmations) -> None:
         self.args = args
+        self.confirms = confirms
         subscription = args[0].upper() in ("SUBSCRIBE", "UNSUBSCRIBE")
         self.owed = max(len(args) - 1, 1) if subscription else 1
 
 
 class _Link(asyncio.Protocol):
     """The hub's subscribed connection: commands written as they are asked for, replies parsed
-    as their bytes arrive and handed to `on_reply` there, one call per reply; an error reply
-    goes to `on_error` with the command it answers."""
+    as their bytes arrive. A message goes to `on_message` there, one call per message; the
+    other replies settle the command they answer (a refusal also goes to `on_error`)."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         # The stream writer stays referenced: when it is collected, it closes the transport.
         self._writer = writer
         self._transport: asyncio.WriteTransport = writer.transport
         self._reader = hiredis.Reader()
-        self.on_reply: Callable[[list[Any]], None] = lambda reply: None
+        self.on_message: Callable[[list[Any]], None] = lambda reply: None
         self.on_error: Callable[[tuple[str, ...], Exception], None] = lambda args, exc: None
         self._sent: deque[_Sent] = deque()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -101,11 +106,13 @@ class _Link(asyncio.Protocol):
             link.command("CLIENT", "SETNAME", name)
         return link
 
-    def command(self, *args: str) -> None:
+    def command(self, *args: str, confirms: Confirmations | None = None) -> None:
+        """Send `args`; a SUBSCRIBE's `confirms` are settled by its own replies (confirmed, or
+        failed if Redis refuses it), not by another command's for the same channel."""
         if self._transport.is_closing():
             raise ConnectionError("the pub/sub connection is closed")
         self._transport.write(_command(*args))
-        self._sent.append(_Sent(args))
+        self._sent.append(_Sent(args, confirms or {}))
 
     def close(self) -> None:
         self._writer.close()
@@ -124,26 +131,39 @@ class _Link(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if isinstance(reply, list):
-                if reply[0] != b"message":
-                    self._answered(error=None)
-                self.on_reply(reply)
-            else:  # a command's own reply (`OK`), or its error
-                self._answered(error=reply if isinstance(reply, Exception) else None)
+            if isinstance(reply, list) and reply[0] == b"message":
+                self.on_message(reply)
+            elif isinstance(reply, Exception):
+                self._refused(reply)
+            else:  # (un)subscribe confirmations, a command's own reply (`OK`)
+                self._answered(reply)
 
-    def _answered(self, *, error: Exception | None) -> None:
-        """Count a reply to the oldest command still owed one; an error answers all of it."""
+    def _answered(self, reply: Any) -> None:
+        """Count a reply to the oldest command still owed one; a subscription's confirmation
+        settles its waiters."""
         if not self._sent:
-            if error is not None:
-                log.warning("the pub/sub connection got an error reply: %s", error)
             return
         sent = self._sent[0]
+        if isinstance(reply, list) and reply[0] == b"subscribe":
+            confirmed = sent.confirms.pop(reply[1], None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
         sent.owed -= 1
-        if error is not None or sent.owed <= 0:
+        if sent.owed <= 0:
             self._sent.popleft()
-        if error is not None:
-            log.warning("Redis refused %s on the pub/sub connection: %s", sent.args[0], error)
-            self.on_error(sent.args, error)
+
+    def _refused(self, error: Exception) -> None:
+        """An error reply answers the whole of the oldest command still owed a reply."""
+        if not self._sent:
+            log.warning("the pub/sub connection got an error reply: %s", error)
+            return
+        sent = self._sent.popleft()
+        log.warning("Redis refused %s on the pub/sub connection: %s", sent.args[0], error)
+        for waiter in sent.confirms.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(f"Redis refused the subscription: {error}"))
+                waiter.exception()  # retrieved; the waiter sees it through its await
+        self.on_error(sent.args, error)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
@@ -210,9 +230,12 @@ class EventHub:
                 self._confirmed[name] = asyncio.get_running_loop().create_future()
                 self._request(channel, subscribe=True)
             await asyncio.wait_for(asyncio.shield(self._confirmed[name]), SUBSCRIBE_TIMEOUT)
-        except Exception as exc:
-            self._discard(name, listener)
-            raise Unavailable("HAIA cannot reach Redis right now; try again shortly.") from exc
+        except BaseException as exc:  # cancelled too (the client left): nothing stays behind
+            if self._discard(name, listener) and self._link is link:
+                self._request(channel, subscribe=False)  # in case Redis subscribes it after all
+            if isinstance(exc, Exception):
+                raise Unavailable("HAIA cannot reach Redis right now; try again shortly.") from exc
+            raise
         try:
             yield
         finally:
@@ -245,7 +268,12 @@ class EventHub:
             if leaving:
                 link.command("UNSUBSCRIBE", *leaving)
             if joining:
-                link.command("SUBSCRIBE", *joining)
+                confirms = {}
+                for channel in joining:
+                    future = self._confirmed.get(channel.encode())
+                    if future is not None:
+                        confirms[channel.encode()] = future
+                link.command("SUBSCRIBE", *joining, confirms=confirms)
         except Exception as exc:  # noqa: BLE001 - the reader reconnects; say so to waiters
             for channel in joining:
                 future = self._confirmed.get(channel.encode())
@@ -273,7 +301,7 @@ class EventHub:
             link = None
             try:
                 link = await _Link.open(self._redis, name=self._own_channel)
-                link.on_reply = self._reply
+                link.on_message = self._message
                 link.on_error = self._refused
                 self._link = link
                 link.command("SUBSCRIBE", self._own_channel)
@@ -292,31 +320,23 @@ class EventHub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _reply(self, reply: list[Any]) -> None:
-        """One reply of the subscribed connection: a message, or a (un)subscription's
-        confirmation."""
-        kind = reply[0]
-        if kind == b"message":
-            for listener in tuple(self._listeners.get(reply[1], ())):
-                try:
-                    listener.push(reply[2])
-                except Exception:  # one stream's fault must not stop the others'
-                    log.exception("a stream could not take an event")
-        elif kind == b"subscribe":
-            future = self._confirmed.get(reply[1])
-            if future is not None and not future.done():
-                future.set_result(None)
+    def _message(self, reply: list[Any]) -> None:
+        """One message of the subscribed connection, to its channel's listeners."""
+        for listener in tuple(self._listeners.get(reply[1], ())):
+            try:
+                listener.push(reply[2])
+            except Exception:  # one stream's fault must not stop the others'
+                log.exception("a stream could not take an event")
 
     def _refused(self, args: tuple[str, ...], error: Exception) -> None:
-        """Redis refused a command (an ACL that forbids a channel, say): a SUBSCRIBE's waiters
-        fail now instead of at their timeout."""
-        if args[0].upper() != "SUBSCRIBE":
-            return
-        for channel in args[1:]:
-            future = self._confirmed.get(channel.encode())
-            if future is not None and not future.done():
-                future.set_exception(ConnectionError(f"Redis refused the subscription: {error}"))
-                future.exception()  # retrieved; the waiter sees it through its await
+        """Redis refused a command (its waiters are failed already, by the link)."""
+        if args == ("SUBSCRIBE", self._own_channel):
+            log.error(
+                "Redis refused the hub's own channel %s (%s): let HAIA's user subscribe to"
+                " haia:* channels",
+                self._own_channel,
+                error,
+            )
 
     def _fail_all(self, exc: Exception) -> None:
         for listeners in self._listeners.values():

@@ -138,7 +138,7 @@ async def test_a_refused_subscription_fails_at_once_and_the_others_go_on(
         enabled=True,
         nopass=True,
         reset_channels=True,
-        channels=["haia:ok:*"],
+        channels=["haia:ok:*", "haia:web:*"],  # and the hub's own channel
         keys=["*"],
         categories=["+@all"],
         commands=["-client"],
@@ -162,10 +162,45 @@ async def test_a_refused_subscription_fails_at_once_and_the_others_go_on(
             assert await redis.publish(channel, b"allowed") == 1
             assert await asyncio.wait_for(inbox.queue.get(), 2) == b"allowed"
         assert "Redis refused CLIENT on the pub/sub connection" in caplog.text
+        assert "refused the hub's own channel" not in caplog.text
     finally:
         await limited_hub.stop()
         await limited.aclose()
         await redis.acl_deluser(user)
+
+
+async def test_a_subscriber_that_leaves_before_its_confirmation_leaves_nothing_behind(
+    redis: aioredis.Redis, hub: EventHub
+) -> None:
+    """A stream whose client goes away while its subscription is being confirmed is
+    cancelled there: the hub forgets its listener and Redis ends up without the channel."""
+    channel = f"haia:test:{uuid.uuid4().hex}"
+    entered = asyncio.Event()
+
+    async def stream() -> None:
+        async with hub.subscribe(channel, Inbox()):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(stream())
+    await asyncio.sleep(0)  # it has asked for the channel and waits for the confirmation
+    assert not entered.is_set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert channel.encode() not in hub._listeners
+    assert channel.encode() not in hub._confirmed
+    for _ in range(200):
+        [(_, subscribers)] = await redis.pubsub_numsub(channel)
+        if subscribers == 0 and not hub._link._sent:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("Redis kept the channel of a stream that left")
+    inbox = Inbox()  # and the channel can be taken again
+    async with hub.subscribe(channel, inbox):
+        assert await redis.publish(channel, b"again") == 1
+        assert await asyncio.wait_for(inbox.queue.get(), 2) == b"again"
 
 
 async def test_replies_split_anywhere_are_read_whole(redis: aioredis.Redis, hub: EventHub) -> None:
