@@ -707,6 +707,7 @@ async def fill_database(database_url: str, count: int) -> float:
     from app.db.models import Conversation, Message
 
     started = time.perf_counter()
+    run = uuid.uuid4().hex[:8]  # a database given with --database-url may hold an earlier run's
     await apply_migrations(database_url)
     await open_database(database_url)
     try:
@@ -714,7 +715,7 @@ async def fill_database(database_url: str, count: int) -> float:
         for first in range(0, count, 500):
             now = timezone.now()
             batch = range(first, min(first + 500, count))
-            conversations = {f"stored-{n // 10}" for n in batch}
+            conversations = {f"stored-{run}-{n // 10}" for n in batch}
             await raw.insert(
                 Conversation,
                 [{"id": c, "owner": "stored", "created_at": now} for c in sorted(conversations)],
@@ -723,10 +724,10 @@ async def fill_database(database_url: str, count: int) -> float:
                 Message,
                 [
                     {
-                        "conversation_id": f"stored-{n // 10}",
+                        "conversation_id": f"stored-{run}-{n // 10}",
                         "role": "user" if n % 2 == 0 else "assistant",
                         "content": text,
-                        "completion_id": None if n % 2 == 0 else f"stored-{n}",
+                        "completion_id": None if n % 2 == 0 else f"stored-{run}-{n}",
                         "created_at": now,
                     }
                     for n in batch

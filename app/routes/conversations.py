@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
 from tortoise.expressions import Q
 from tortoise.functions import Count
-from tortoise.queryset import QuerySet
+from tortoise.queryset import QuerySet, ValuesListQuery
 
 from app import keys
 from app.content import data_urls, with_data_urls
@@ -64,13 +66,18 @@ async def _message_counts(conversation_ids: list[str]) -> dict[str, int]:
     """How many messages each of `conversation_ids` holds (through the conversation index)."""
     if not conversation_ids:
         return {}
-    found = (
-        await Message.filter(conversation_id__in=conversation_ids)
+    found = await message_counts(conversation_ids)
+    return {str(conversation_id): int(count) for conversation_id, count in found}
+
+
+def message_counts(conversation_ids: list[str]) -> ValuesListQuery[Literal[False]]:
+    """(conversation id, number of messages) of each of `conversation_ids` that has some."""
+    return (
+        Message.filter(conversation_id__in=conversation_ids)
         .group_by("conversation_id")
         .annotate(count=Count("id"))
         .values_list("conversation_id", "count")
     )
-    return {str(conversation_id): int(count) for conversation_id, count in found}
 
 
 def _summary(conversation: Conversation, count: int) -> ConversationSummary:
