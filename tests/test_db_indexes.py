@@ -19,6 +19,7 @@ from tortoise.transactions import in_transaction
 from app.db import raw
 from app.db.models import Conversation, Message, Status
 from app.generations import last_digested_before, stuck_candidates
+from app.routes.chat import active_generations
 from app.routes.conversations import conversation_page, message_counts
 from app.turns import head_sql
 from workers.context import _whole_sql, _window_sql
@@ -101,6 +102,25 @@ async def test_a_conversations_head_and_an_endings_digest_use_the_conversation_i
 async def test_the_sweep_reads_only_the_rows_still_active() -> None:
     await _assistant()
     plan = await _plan(stuck_candidates(datetime.now(UTC), limit=200).sql(params_inline=True))
+    assert _uses_index_on(plan, "status"), plan
+
+
+async def test_a_requests_admission_counts_only_the_owners_active_generations() -> None:
+    """Every chat request counts its owner's queued and running generations
+    (HAIA_MAX_CONCURRENT_PER_OWNER): through the index on status, not all their messages."""
+    assistant = await _assistant()
+    conversation = await Conversation.get(id=assistant.conversation_id)  # type: ignore[attr-defined]
+    # A homelab's one owner with a history: the planners must see that the owner's rows are
+    # many and the active ones few (PostgreSQL from its statistics).
+    await Message.bulk_create(
+        [
+            Message(conversation=conversation, role="assistant", content="old", status="completed")
+            for _ in range(500)
+        ]
+    )
+    if _postgres():
+        await connections.get("default").execute_script("ANALYZE")
+    plan = await _plan(active_generations(conversation.owner).sql(params_inline=True))
     assert _uses_index_on(plan, "status"), plan
 
 

@@ -12,6 +12,7 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 from sanic_ext import openapi
 from sanic_ext.extensions.openapi.definitions import Component
+from tortoise.queryset import CountQuery
 
 from app import jobs, keys
 from app.context import Services, services
@@ -144,15 +145,21 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         return json_response(completion.model_dump(mode="json"), headers=headers)
 
 
+def active_generations(owner: str) -> CountQuery:
+    """How many of `owner`'s generations are queued or running (found through the index on
+    status: every request asks, and they are few among all the ended ones)."""
+    return Message.filter(
+        role="assistant", status__in=list(ACTIVE), conversation__owner=owner
+    ).count()
+
+
 async def _admit(svc: Services, owner: str) -> None:
     """At most HAIA_MAX_CONCURRENT_PER_OWNER stored generations queued or running per owner
     (0: no limit). Counted from the database, so a crash leaks nothing."""
     limit = svc.settings.max_concurrent_per_owner
     if not limit:
         return
-    active = await Message.filter(
-        role="assistant", status__in=list(ACTIVE), conversation__owner=owner
-    ).count()
+    active = await active_generations(owner)
     if active >= limit:
         raise RateLimited(
             f"You have {active} generations queued or running; HAIA allows {limit} at once "
