@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -71,19 +72,28 @@ async def _drop_pg_database(name: str) -> None:
         await conn.close()
 
 
+@asynccontextmanager
+async def empty_database(kind: str, directory: Path) -> AsyncIterator[str]:
+    """The URL of a new, empty database: an SQLite file in `directory`, or a PostgreSQL
+    database of its own (dropped afterwards)."""
+    if kind == "sqlite":
+        yield f"sqlite://{directory / 'haia.sqlite3'}"
+        return
+    name = f"haia_test_{uuid.uuid4().hex[:12]}"
+    await _create_pg_database(name)
+    try:
+        yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        await _drop_pg_database(name)
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 async def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path_factory.mktemp('db') / 'haia.sqlite3'}"
-        return
-    name = f"haia_test_{uuid.uuid4().hex[:12]}"
-    await _create_pg_database(name)
-    base = POSTGRES_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    await _drop_pg_database(name)
+    """A fresh, empty database of each kind, shared by the session's tests."""
+    async with empty_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture

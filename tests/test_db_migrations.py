@@ -7,7 +7,6 @@ A first draft of 0005 did exactly that and emptied `haia_message`.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tortoise import connections
 from tortoise.migrations.api.migrate import migrate
 
 from app.db import apply_migrations, close_database, open_database, tortoise_config
-from tests.conftest import POSTGRES_URL, _create_pg_database, _drop_pg_database
+from tests.conftest import empty_database
 
 MIGRATIONS = sorted(
     path.stem for path in (Path(__file__).parent.parent / "app" / "db" / "migrations").glob("0*.py")
@@ -25,13 +24,9 @@ MIGRATIONS = sorted(
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path / 'haia.sqlite3'}"
-        return
-    name = f"haia_test_{uuid.uuid4().hex[:12]}"
-    await _create_pg_database(name)
-    yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
-    await _drop_pg_database(name)
+    """A database of each kind of this test's own (the session's is migrated already)."""
+    async with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 async def _store_a_conversation(database_url: str, number: int) -> None:
